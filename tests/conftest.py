@@ -1,0 +1,71 @@
+"""Shared builders for small real datasets written into pytest's temporary directories."""
+
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def encode_image(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+  """uint8[H, W, 3] -> file bytes in `fmt`, optionally converted to a Pillow `mode` first."""
+  image = Image.fromarray(array)
+  if mode is not None:
+    image = image.convert(mode)
+  buffer = io.BytesIO()
+  image.save(buffer, format=fmt)
+  return buffer.getvalue()
+
+
+def random_pixels(seed: int, height: int = 24, width: int = 32) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def write_tar(path: str, members: dict[str, bytes]) -> str:
+  """A tar shard with the given member names and contents, in order."""
+  with tarfile.open(path, "w") as tar:
+    for name, data in members.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  return path
+
+
+@pytest.fixture
+def bad_and_good_files():
+  """Caption/image file contents: 4 good pairs and one of each kind of bad input.
+
+  Returns a dict stem -> (image bytes or None, caption bytes or None) and the expected counts.
+  """
+  good = encode_image(random_pixels(0), "PNG")
+  files = {
+      "good_png": (good, b"a red square\n"),
+      "good_jpeg_rgba": (encode_image(random_pixels(1), "PNG", "RGBA"), b"first caption\nsecond"),
+      "good_grey_jpeg": (encode_image(random_pixels(2), "JPEG", "L"), b"a grey photo"),
+      "good_palette_gif": (encode_image(random_pixels(3), "GIF", "P"), "un caf\u00e9".encode()),
+      "truncated": (good[: len(good) // 2], b"cut in half"),
+      "not_an_image": (b"this is text, not a png", b"garbage"),
+      "empty_caption": (good, b"  \n\n"),
+      "latin1_caption": (good, "caf\xe9".encode("latin-1")),
+      "no_caption": (good, None),
+      "no_image": (None, b"an orphan caption"),
+  }
+  expected = {"usable": 4, "corrupt_image": 2, "empty_caption": 1, "caption_not_utf8": 1,
+              "missing_caption": 1, "missing_image": 1}
+  return files, expected
+
+
+def write_folder(root: str, files: dict) -> str:
+  """Writes `files` (stem -> (image, caption)) as a nested folder dataset under `root`."""
+  for i, (stem, (image, caption)) in enumerate(sorted(files.items())):
+    directory = os.path.join(root, f"part{i % 2}")
+    os.makedirs(directory, exist_ok=True)
+    if image is not None:
+      with open(os.path.join(directory, stem + ".png"), "wb") as f:
+        f.write(image)
+    if caption is not None:
+      with open(os.path.join(directory, stem + ".txt"), "wb") as f:
+        f.write(caption)
+  return root
