@@ -14,7 +14,7 @@ _PAD = 4
 
 
 def captioned_grid(images: np.ndarray | Sequence[np.ndarray], captions: Sequence[str],
-                   columns: int | None = None, tile_size: int = 128, caption_lines: int = 3,
+                   columns: int | None = None, tile_size: int = 128, caption_lines: int = 4,
                    marked: Sequence[bool] | None = None) -> Image.Image:
   """Tiles `uint8[N, H, W, 3]` images in a grid with each caption wrapped beneath its image.
 
