@@ -108,3 +108,17 @@ def test_bad_configs_are_refused_before_any_work():
     pipeline.LoaderConfig(batch_size=0)
   with pytest.raises(ValueError, match="process_index"):
     _loader(pipeline.LoaderConfig(), index=2, count=2)
+
+
+def test_the_real_tokenizer_drops_out_only_when_asked():
+  from dalle_jax import tokenizer as tokenizer_lib
+  captions = [c for r in _source() for c in r.captions] * 4
+  tok = tokenizer_lib.train_tokenizer(captions, vocab_size=280, text_len=16, dropout=0.5)
+  plain = pipeline.LoaderConfig(resolution=8, batch_size=24, num_epochs=1, bpe_dropout=False)
+  batch = next(_loader(plain, tokenizer=tok))
+  expected = np.stack([tok.encode(c)[0] for c in batch["caption"]])
+  np.testing.assert_array_equal(batch["tokens"], expected)
+  dropped = next(_loader(pipeline.LoaderConfig(**{**plain.__dict__, "bpe_dropout": True}),
+                         tokenizer=tok))
+  assert (dropped["tokens"] != expected).any()
+  assert [tok.decode(t) for t in dropped["tokens"]] == list(batch["caption"])

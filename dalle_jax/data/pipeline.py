@@ -45,6 +45,7 @@ class LoaderConfig:
     read_threads: decoding threads per process.
     shuffle_window: records shuffled together in a streamed source.
     drop_remainder: drop the last partial batch.
+    bpe_dropout: tokenise with the tokenizer's BPE dropout (training); False for evaluation.
   """
   resolution: int = 64
   batch_size: int | None = 8
@@ -56,6 +57,7 @@ class LoaderConfig:
   read_threads: int = 4
   shuffle_window: int = 256
   drop_remainder: bool = True
+  bpe_dropout: bool = True
 
   def __post_init__(self):
     if self.resolution < 1:
@@ -106,7 +108,8 @@ def decode_record(record: records.RawRecord, rng: np.random.Generator, config: L
   example = {"key": record.key, "caption": caption,
              "image": preprocess.preprocess(image, config.resolution, config.crop, rng)}
   if tokenizer is not None:
-    example["tokens"], example["truncated"] = tokenizer.encode(caption, training=True, rng=rng)
+    example["tokens"], example["truncated"] = tokenizer.encode(
+        caption, training=config.bpe_dropout, rng=rng)
   return example
 
 
