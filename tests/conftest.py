@@ -1,12 +1,25 @@
-"""Shared builders for small real datasets written into pytest's temporary directories."""
+"""Test set-up: 8 simulated CPU devices, a shared compilation cache, and small real datasets."""
 
 import io
 import os
 import tarfile
+import tempfile
 
-import numpy as np
-import pytest
-from PIL import Image
+import jax
+
+# Before any JAX computation: sharded tests need several devices; single-device tests use the first.
+jax.config.update("jax_num_cpu_devices", 8)
+# Subprocess tests (kill and resume) compile the same programs again: share the work through a cache.
+COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), "dalle_jax_test_xla_cache")
+CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 
 def encode_image(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:

@@ -1,0 +1,154 @@
+"""Training the dVAE: the paper's schedules and optimiser, the train state, and the sharded step.
+
+    state = init_state(...)                       # sharded on the mesh as `state_shardings` says
+    step = make_train_step(model, train, mesh, state_shardings)
+    state, metrics = step(state, images)          # images uint8[batch, H, W, 3], split over the batch
+
+The Gumbel noise of step t comes from `fold_in(state.rng, t)`, so a resumed run draws exactly what
+an uninterrupted one would. A step whose loss or gradient is not finite leaves the parameters,
+optimiser state and EMA untouched and counts itself in `state.nonfinite_steps`; the caller decides
+to stop (keeping its last good checkpoint) or to go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from dalle_jax import dvae, dvae_objective, schedules, sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class DVAETrainConfig:
+  """Optimisation of the dVAE; the defaults are the paper's (Appendix A.2).
+
+  `schedule_scale` multiplies every schedule length, so a short run keeps the paper's shape.
+  """
+  batch_size: int = 512
+  num_steps: int = 3_000_000
+  learning_rate: float = 1e-4
+  final_learning_rate: float = 1.25e-6
+  lr_decay_steps: int = 1_200_000
+  beta: float = 6.6
+  beta_warmup_steps: int = 5_000
+  tau_start: float = 1.0
+  tau_end: float = 1.0 / 16
+  tau_steps: int = 150_000
+  schedule_scale: float = 1.0
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 1e-8
+  weight_decay: float = 1e-4
+  ema_decay: float = 0.999
+  on_nonfinite: str = "stop"
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.batch_size < 1 or self.num_steps < 0:
+      raise ValueError("batch_size must be >= 1 and num_steps >= 0")
+    if not 0 < self.tau_end <= self.tau_start:
+      raise ValueError(f"need 0 < tau_end <= tau_start, got {self.tau_end}, {self.tau_start}")
+    if not 0 <= self.ema_decay < 1:
+      raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+    if self.on_nonfinite not in ("stop", "skip"):
+      raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+    if self.schedule_scale <= 0:
+      raise ValueError(f"schedule_scale must be positive, got {self.schedule_scale}")
+
+  def steps(self, n: int) -> int:
+    return max(1, round(n * self.schedule_scale))
+
+  def beta_schedule(self) -> optax.Schedule:
+    return schedules.cosine_anneal(0.0, self.beta, self.steps(self.beta_warmup_steps))
+
+  def tau_schedule(self) -> optax.Schedule:
+    return schedules.cosine_anneal(self.tau_start, self.tau_end, self.steps(self.tau_steps))
+
+  def lr_schedule(self) -> optax.Schedule:
+    return schedules.cosine_anneal(self.learning_rate, self.final_learning_rate,
+                                   self.steps(self.lr_decay_steps))
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # int32[]
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array           # uint32[2]: raw key data, so checkpoints hold plain arrays
+  nonfinite_steps: jax.Array  # int32[]: steps skipped for a non-finite loss or gradient
+
+
+def make_optimizer(train: DVAETrainConfig) -> optax.GradientTransformation:
+  """AdamW with the cosine learning rate; weight decay on convolution kernels, not biases."""
+  return optax.adamw(train.lr_schedule(), b1=train.adam_b1, b2=train.adam_b2, eps=train.adam_eps,
+                     weight_decay=train.weight_decay,
+                     mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
+
+
+def init_state(model: dvae.DVAEConfig, train: DVAETrainConfig, rng: jax.Array,
+               params: Any | None = None) -> TrainState:
+  """A fresh state (new parameters unless `params` is given, e.g. converted OpenAI weights)."""
+  init_rng, train_rng = jax.random.split(rng)
+  if params is None:
+    params = dvae.init(model, init_rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=make_optimizer(train).init(params),
+                    ema_params=jax.tree.map(jnp.copy, params),
+                    rng=jax.random.key_data(train_rng), nonfinite_steps=jnp.zeros((), jnp.int32))
+
+
+def state_shardings(model: dvae.DVAEConfig, train: DVAETrainConfig, mesh,
+                    min_size: int = sharding.MIN_SHARDED_SIZE) -> TrainState:
+  """FSDP placement of every array of the train state (shape-only trace, nothing allocated)."""
+  abstract = jax.eval_shape(functools.partial(init_state, model, train), jax.random.key(0))
+  return sharding.fsdp_shardings(abstract, mesh, min_size)
+
+
+def create_sharded_state(model: dvae.DVAEConfig, train: DVAETrainConfig, mesh,
+                         shardings: TrainState) -> TrainState:
+  """Initialises the state directly into its shards: no host ever holds the whole of it."""
+  create = jax.jit(functools.partial(init_state, model, train), out_shardings=shardings)
+  return create(jax.random.key(train.seed))
+
+
+def train_step(model: dvae.DVAEConfig, train: DVAETrainConfig, state: TrainState,
+               images: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One AdamW update on the relaxed ELB; the pure function that `make_train_step` compiles."""
+  step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  tau = train.tau_schedule()(state.step)
+  beta = train.beta_schedule()(state.step)
+
+  def loss_fn(params):
+    return dvae_objective.relaxed_elb(model, params, images, step_rng, tau, beta)
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = make_optimizer(train).update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = jax.tree.map(lambda e, p: train.ema_decay * e + (1 - train.ema_decay) * p,
+                     state.ema_params, params)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A non-finite step changes nothing but the step counter (the caller stops or skips).
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            opt_state=keep(opt_state, state.opt_state),
+                            ema_params=keep(ema, state.ema_params),
+                            nonfinite_steps=state.nonfinite_steps + 1 - finite.astype(jnp.int32))
+  metrics.update(grad_norm=grad_norm, tau=tau, beta=beta, nonfinite=1 - finite.astype(jnp.int32),
+                 learning_rate=train.lr_schedule()(state.step))
+  return new_state, metrics
+
+
+def make_train_step(model: dvae.DVAEConfig, train: DVAETrainConfig, mesh,
+                    shardings: TrainState):
+  """`train_step` compiled for the mesh: state in place (donated), images split over the batch."""
+  return jax.jit(functools.partial(train_step, model, train),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

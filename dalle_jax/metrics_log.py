@@ -1,0 +1,50 @@
+"""Training metrics as JSON lines: one object per logged step, safe across kills and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+
+class MetricsLog:
+  """Appends `{"step": ..., **metrics}` lines to `path`.
+
+  On resume from step N, lines past N (written after the last checkpoint by a run that was then
+  killed) are dropped, so the file reads as one uninterrupted run.
+  """
+
+  def __init__(self, path: str, resume_step: int | None = None):
+    self.path = path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if resume_step is not None and os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if _complete(line) and json.loads(line)["step"] <= resume_step]
+      with open(path, "w") as f:
+        f.writelines(kept)
+    elif resume_step is None and os.path.exists(path):
+      os.remove(path)
+
+  def write(self, step: int, metrics: dict[str, Any]):
+    record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+  def read(self) -> list[dict[str, Any]]:
+    with open(self.path) as f:
+      return [json.loads(line) for line in f if _complete(line)]
+
+
+def _complete(line: str) -> bool:
+  # A kill can leave half a line at the end of the file.
+  try:
+    return "step" in json.loads(line)
+  except ValueError:
+    return False
+
+
+def _plain(value):
+  value = np.asarray(value)
+  return value.item() if value.ndim == 0 else value.tolist()

@@ -1,0 +1,68 @@
+"""Sharding as configuration: one mesh with `data`, `fsdp` and `tensor` axes, and rules for placement.
+
+The batch is split over `data` and `fsdp` together (FSDP is data parallel with sharded state);
+parameters and optimiser state are split over `fsdp` (and, for the transformer, `tensor`).
+Everything here returns `NamedSharding`s for `jax.jit(in_shardings=..., out_shardings=...)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+# Parameters smaller than this stay replicated: splitting them costs more in collectives than it saves.
+MIN_SHARDED_SIZE = 2 ** 14
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over all devices; -1 for `data` takes whatever is left."""
+  devices = list(devices if devices is not None else jax.devices())
+  if data == -1:
+    if fsdp < 1 or tensor < 1 or len(devices) % (fsdp * tensor):
+      raise ValueError(f"fsdp={fsdp} x tensor={tensor} does not divide {len(devices)} devices")
+    data = len(devices) // (fsdp * tensor)
+  if min(data, fsdp, tensor) < 1 or data * fsdp * tensor != len(devices):
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} must use exactly the "
+                     f"{len(devices)} devices; set --mesh_data=-1 to fill the rest with data")
+  # Auto axes: the compiler propagates shardings from the ones we declare on inputs and outputs.
+  return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over `data` x `fsdp`; the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = MIN_SHARDED_SIZE) -> P:
+  """Shards the largest axis that `fsdp_size` divides; small or indivisible arrays replicate."""
+  if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[axis] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def fsdp_shardings(tree: Any, mesh: Mesh, min_size: int = MIN_SHARDED_SIZE) -> Any:
+  """`NamedSharding` for every array of `tree` (arrays or ShapeDtypeStructs) by `fsdp_spec`."""
+  fsdp_size = mesh.shape["fsdp"]
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size, min_size)), tree)
+
+
+def host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
+  """This host's share of a batch -> global arrays split over the mesh (multi-host safe)."""
+  return {key: jax.make_array_from_process_local_data(sharding, value)
+          for key, value in batch.items()}

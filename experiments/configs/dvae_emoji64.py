@@ -1,0 +1,23 @@
+"""A CPU-sized dVAE on the emoji set: 64x64 images -> 16x16 codes over 512, about half an hour."""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.model = dict(resolution=64, group_count=3, n_hid=64, n_blk_per_group=1, n_init=64,
+                      vocab_size=512, dtype="float32")
+  # The paper's schedules, shortened to the run by schedule_scale (beta over 5,000 * 0.02 = 100
+  # steps, tau over 3,000, learning rate over 24,000 so it stays high).
+  config.train = dict(batch_size=32, num_steps=3_000, learning_rate=1e-3,
+                      final_learning_rate=1.25e-5, schedule_scale=0.02, beta=6.6,
+                      ema_decay=0.99)
+  config.data = dict(dataset="emoji", path="", split="train", crop="center", num_examples=0,
+                     num_workers=0, eval_split="heldout", eval_batches=8)
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.log_every = 25
+  config.image_every = 500
+  config.eval_every = 500
+  config.checkpoint_every = 250
+  config.keep_checkpoints = 3
+  return config

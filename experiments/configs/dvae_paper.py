@@ -1,0 +1,19 @@
+"""The paper's dVAE run: 256x256 -> 32x32 codes over 8192, batch 512, 3M updates (Appendix A.2)."""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.model = dict(resolution=256, group_count=4, n_hid=256, n_blk_per_group=2, n_init=128,
+                      vocab_size=8192, dtype="bfloat16")
+  config.train = dict(batch_size=512, num_steps=3_000_000)  # every other value: the paper's default
+  config.data = dict(dataset="webdataset", path="", split="train", crop="dvae", num_examples=0,
+                     num_workers=16, eval_split="", eval_batches=8)
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.log_every = 100
+  config.image_every = 5_000
+  config.eval_every = 10_000
+  config.checkpoint_every = 5_000
+  config.keep_checkpoints = 3
+  return config

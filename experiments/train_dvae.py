@@ -1,0 +1,137 @@
+"""Stage 1: train the discrete VAE.
+
+  python experiments/train_dvae.py --config=experiments/configs/dvae_emoji64.py --workdir=runs/dvae
+  python experiments/train_dvae.py --config=experiments/configs/dvae_tiny.py --workdir=/tmp/t \
+      --config.train.num_steps=100 --config.mesh.fsdp=2
+
+A killed run started again with the same --workdir resumes from its last complete checkpoint.
+The workdir holds checkpoints/, metrics.jsonl, reconstructions/step_N.png and config.json.
+"""
+
+import os
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import tqdm
+
+from dalle_jax import (checkpointing, dvae, dvae_eval, dvae_training, image_grid, launch,
+                       metrics_log, sharding)
+from dalle_jax import data as data_lib
+from dalle_jax.data import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs", "dvae_emoji64.py"),
+    "Experiment config (a .py file with get_config()); override fields with --config.a.b=v.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, or auto.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  config = _CONFIG.value
+  # ---------------------------------------------------------------- config, refused before compiling
+  model = dvae.DVAEConfig(**config.model)
+  train = dvae_training.DVAETrainConfig(**config.train)
+  launch.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  workdir = _WORKDIR.value
+  launch.prepare_workdir(workdir, config.to_dict())
+
+  # ---------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh(**config.mesh)
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  if train.batch_size % batch_devices or train.batch_size % jax.process_count():
+    raise ValueError(f"batch_size {train.batch_size} must divide over {batch_devices} batch "
+                     f"devices and {jax.process_count()} hosts")
+  host_batch = train.batch_size // jax.process_count()
+
+  # ---------------------------------------------------------------- input
+  def loader_for(split, **overrides):
+    source = data_lib.make_source(config.data.dataset, resolution=model.resolution,
+                                  path=config.data.path or None, split=split,
+                                  num_examples=config.data.num_examples or 10_000,
+                                  seed=train.seed)
+    settings = dict(resolution=model.resolution, batch_size=host_batch, crop=config.data.crop,
+                    seed=train.seed, num_workers=config.data.num_workers)
+    loader_config = pipeline.LoaderConfig(**{**settings, **overrides})
+    return pipeline.Loader(source, loader_config)
+
+  loader = loader_for(config.data.split)
+  eval_batches = []
+  if config.data.eval_split:
+    eval_loader = loader_for(config.data.eval_split, crop="center", num_epochs=1, shuffle=False)
+    eval_batches = [b for b, _ in zip(eval_loader, range(config.data.eval_batches))]
+
+  # ---------------------------------------------------------------- model, optimiser, sharding
+  shardings = dvae_training.state_shardings(model, train, mesh)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            keep=config.keep_checkpoints,
+                                            every=config.checkpoint_every)
+  abstract = checkpointing.abstract_like(
+      jax.eval_shape(lambda: dvae_training.init_state(model, train, jax.random.key(0))),
+      shardings)
+  restored = checkpointer.restore(abstract)
+  if restored is None:
+    state = dvae_training.create_sharded_state(model, train, mesh, shardings)
+    tqdm.tqdm.write("starting from scratch")
+  else:
+    state, extras = restored
+    loader.set_state(extras["loader"])
+    tqdm.tqdm.write(f"resumed from step {int(state.step)}")
+  start = int(state.step)
+  train_step = dvae_training.make_train_step(model, train, mesh, shardings)
+  log = metrics_log.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
+                               resume_step=start if restored else None)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  # ---------------------------------------------------------------- loop
+  nonfinite_seen = int(state.nonfinite_steps)
+  progress = tqdm.tqdm(total=train.num_steps, initial=start, unit="step",
+                       disable=jax.process_index() != 0)
+  for step in range(start + 1, train.num_steps + 1):
+    images = sharding.host_batch_to_global({"image": next(loader)["image"]}, batch_sharding)
+    state, metrics = train_step(state, images["image"])
+
+    due = lambda every: every > 0 and (step % every == 0 or step == train.num_steps)
+    if due(config.log_every) or due(config.checkpoint_every):
+      nonfinite = int(state.nonfinite_steps)
+      if nonfinite > nonfinite_seen and train.on_nonfinite == "stop":
+        raise FloatingPointError(
+            f"non-finite loss or gradient at or before step {step}; stopping with the last good "
+            f"checkpoint (step {checkpointer.latest_step()}) kept. Lower the learning rate, or set "
+            "--config.train.on_nonfinite=skip to skip such steps and count them.")
+      nonfinite_seen = nonfinite
+    if due(config.log_every):
+      values = jax.device_get(metrics)
+      log.write(step, {**values, "nonfinite_steps": nonfinite_seen,
+                       **{f"data/{k}": v for k, v in loader.counts.items()}})
+      progress.set_postfix(loss=f"{values['loss']:.4f}", ppl=f"{values['perplexity']:.1f}")
+    if eval_batches and (due(config.eval_every) or due(config.image_every)):
+      params = jax.device_get(state.ema_params)
+      if due(config.eval_every):
+        log.write(step, {f"eval/{k}": v for k, v in
+                         dvae_eval.evaluate(model, params, eval_batches).items()})
+      if due(config.image_every) and jax.process_index() == 0:
+        images = eval_batches[0]["image"][:16]
+        _, recon = dvae_eval.reconstruct(model, params, jnp.asarray(images))
+        grid = image_grid.captioned_grid(dvae_eval.side_by_side(images, recon),
+                                         list(eval_batches[0]["caption"][:16]), tile_size=192)
+        os.makedirs(os.path.join(workdir, "reconstructions"), exist_ok=True)
+        grid.save(os.path.join(workdir, "reconstructions", f"step_{step}.png"))
+    checkpointer.save(step, state, {"loader": loader.get_state()},
+                      force=step == train.num_steps)
+    progress.update(1)
+  progress.close()
+  checkpointer.wait()
+  checkpointer.close()
+  loader.close()
+  print(f"done at step {train.num_steps}; data: {loader.counts.summary()}")
+
+
+if __name__ == "__main__":
+  app.run(main)
