@@ -14,7 +14,6 @@ from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
-import numpy as np
 import tqdm
 
 from dalle_jax import (checkpointing, dvae, dvae_eval, dvae_training, image_grid, launch,

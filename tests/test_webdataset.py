@@ -3,7 +3,6 @@
 import json
 import os
 
-import numpy as np
 import pytest
 
 from conftest import encode_image, random_pixels, write_tar

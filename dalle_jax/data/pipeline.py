@@ -14,7 +14,6 @@ Skipped records are dropped after the worker processes, in the training process,
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Sequence
 
@@ -70,9 +69,8 @@ class LoaderConfig:
       raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
-def choose_caption(candidates: Sequence[str | bytes],
-                   rng: np.random.Generator) -> str | records.Skipped:
-  """Draws one usable caption; bytes must be UTF-8, blank lines are ignored."""
+def usable_captions(candidates: Sequence[str | bytes]) -> list[str] | str:
+  """The candidates that are UTF-8 and not blank, stripped; or the skip reason if none is."""
   usable, not_utf8 = [], False
   for candidate in candidates:
     if isinstance(candidate, bytes):
@@ -85,18 +83,24 @@ def choose_caption(candidates: Sequence[str | bytes],
     if candidate:
       usable.append(candidate)
   if usable:
-    return usable[int(rng.integers(len(usable)))] if len(usable) > 1 else usable[0]
+    return usable
   return records.CAPTION_NOT_UTF8 if not_utf8 else records.EMPTY_CAPTION
 
 
 def decode_record(record: records.RawRecord, rng: np.random.Generator, config: LoaderConfig,
                   tokenizer=None) -> dict[str, Any] | records.Skipped:
-  """One raw record -> `{"key", "caption", "image": uint8[res, res, 3]}` (+ tokens) or Skipped."""
+  """One raw record -> a dict or Skipped.
+
+  The dict holds `key`, `caption` (one usable candidate, drawn with `rng`), `captions` (all usable
+  candidates, newline-joined, for pre-encoded datasets that draw again each epoch) and
+  `image: uint8[res, res, 3]`, plus `tokens` and `truncated` given a tokenizer.
+  """
   if record.skip is not None:
     return records.Skipped(record.key, record.skip, str(record.meta.get("error", "")))
-  caption = choose_caption(record.captions, rng)
-  if caption in (records.CAPTION_NOT_UTF8, records.EMPTY_CAPTION):
-    return records.Skipped(record.key, caption)
+  captions = usable_captions(record.captions)
+  if isinstance(captions, str):
+    return records.Skipped(record.key, captions)
+  caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
   image = record.image
   if not isinstance(image, np.ndarray):
     # JPEGs decode at a reduced DCT scale that still leaves room for the crop.
@@ -105,7 +109,7 @@ def decode_record(record: records.RawRecord, rng: np.random.Generator, config: L
       image = preprocess.decode_image(image, min_size=min_size)
     except preprocess.ImageDecodeError as e:
       return records.Skipped(record.key, records.CORRUPT_IMAGE, str(e))
-  example = {"key": record.key, "caption": caption,
+  example = {"key": record.key, "caption": caption, "captions": "\n".join(captions),
              "image": preprocess.preprocess(image, config.resolution, config.crop, rng)}
   if tokenizer is not None:
     example["tokens"], example["truncated"] = tokenizer.encode(
@@ -154,8 +158,8 @@ def _host_share(process_index: int | None, process_count: int | None) -> tuple[i
 class Loader:
   """An iterator of batches (dicts of NumPy arrays) from a source, resumable from its state.
 
-  Batches hold `image: uint8[batch, res, res, 3]`, `caption: str[batch]`, `key: str[batch]`, and
-  with a tokenizer `tokens: int32[batch, text_len]` and `truncated: bool[batch]`.
+  Batches hold `image: uint8[batch, res, res, 3]`, `caption: str[batch]`, `captions: str[batch]`
+  (every usable candidate, newline-joined), `key: str[batch]`, and with a tokenizer `tokens: int32[batch, text_len]` and `truncated: bool[batch]`.
   """
 
   def __init__(self, source, config: LoaderConfig, *, tokenizer=None,
