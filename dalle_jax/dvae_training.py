@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from typing import Any
 
 import flax
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dalle_jax import dvae, dvae_objective, schedules, sharding
+from dalle_jax import checkpointing, dvae, dvae_objective, schedules, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,3 +154,30 @@ def make_train_step(model: dvae.DVAEConfig, train: DVAETrainConfig, mesh,
   return jax.jit(functools.partial(train_step, model, train),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def load_trained(workdir: str, step: int | None = None, ema: bool = True
+                 ) -> tuple[dvae.DVAEConfig, Any]:
+  """The dVAE of a `train_dvae.py` run: its config and parameters (EMA by default) on one device.
+
+  Raises FileNotFoundError when `workdir` holds no config.json or no complete checkpoint.
+  """
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{config_path} not found: is {workdir!r} a train_dvae.py workdir?")
+  with open(config_path) as f:
+    config = json.load(f)
+  model = dvae.DVAEConfig(**config["model"])
+  train = DVAETrainConfig(**config["train"])
+  abstract = jax.eval_shape(lambda: init_state(model, train, jax.random.key(0)))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = checkpointing.abstract_like(abstract, jax.tree.map(lambda _: device, abstract))
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    restored = checkpointer.restore(target, step)
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f"no complete checkpoint in {workdir}/checkpoints")
+  state = restored[0]
+  return model, state.ema_params if ema else state.params
