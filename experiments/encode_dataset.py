@@ -1,6 +1,8 @@
 """Pre-encode a dataset into (captions, dVAE codes) shards for stage 2 (argmax codes, no noise).
 
   python experiments/encode_dataset.py --dvae_workdir=runs/dvae --dataset=emoji --out_dir=runs/codes
+  python experiments/encode_dataset.py --openai_dvae=~/dall_e --dataset=folder --path=~/photos \
+      --out_dir=runs/codes
 
 Each host encodes its share (split as in training) on its own devices and writes its own shards.
 Resumable: a shard is written whole and then `progress-{host}.json` records the position of the
@@ -16,13 +18,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import tqdm
 
-from dalle_jax import dvae, dvae_training, launch
+from dalle_jax import convert, dvae, dvae_training, launch
 from dalle_jax import data as data_lib
 from dalle_jax.data import codes as codes_lib
 from dalle_jax.data import pipeline
 
-_DVAE_WORKDIR = flags.DEFINE_string("dvae_workdir", None, "A train_dvae.py run directory.",
-                                    required=True)
+_DVAE_WORKDIR = flags.DEFINE_string("dvae_workdir", None, "A train_dvae.py run directory.")
+_OPENAI_DVAE = flags.DEFINE_string(
+    "openai_dvae", None, "Instead: a directory holding OpenAI's released encoder.pkl and "
+    "decoder.pkl (read with a restricted unpickler; images at 256x256).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _RAW_PARAMS = flags.DEFINE_bool("raw_params", False, "Use the raw parameters, not the EMA.")
 _DATASET = flags.DEFINE_enum("dataset", "shapes", data_lib.DATASETS, "Dataset to encode.")
@@ -48,8 +52,14 @@ def main(argv):
     raise ValueError(f"--shard_size {_SHARD_SIZE.value} must be a multiple of --batch_size "
                      f"{_BATCH_SIZE.value}, so that shards end on batch boundaries")
   launch.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  model, params = dvae_training.load_trained(_DVAE_WORKDIR.value, _STEP.value,
-                                             ema=not _RAW_PARAMS.value)
+  if bool(_DVAE_WORKDIR.value) == bool(_OPENAI_DVAE.value):
+    raise ValueError("give exactly one of --dvae_workdir and --openai_dvae")
+  if _OPENAI_DVAE.value:
+    model, params = convert.load_openai_dvae(os.path.join(_OPENAI_DVAE.value, "encoder.pkl"),
+                                             os.path.join(_OPENAI_DVAE.value, "decoder.pkl"))
+  else:
+    model, params = dvae_training.load_trained(_DVAE_WORKDIR.value, _STEP.value,
+                                               ema=not _RAW_PARAMS.value)
   host = jax.process_index()
   os.makedirs(_OUT_DIR.value, exist_ok=True)
 

@@ -72,3 +72,30 @@ def test_codes_are_the_dvae_argmax_of_every_image_and_an_interrupted_run_continu
 def test_reading_an_empty_directory_says_what_to_run(tmp_path):
   with pytest.raises(FileNotFoundError, match="encode_dataset.py"):
     codes_lib.read_shards(str(tmp_path))
+
+
+def test_openai_pickles_encode_like_the_official_pytorch_encoder(tmp_path):
+  import dall_e  # OpenAI's reference package; `make setup` installs it
+  import torch
+
+  torch.manual_seed(0)
+  encoder = dall_e.Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512, requires_grad=False)
+  decoder = dall_e.Decoder(n_hid=64, n_init=32, n_blk_per_group=1, vocab_size=512,
+                           requires_grad=False)
+  torch.save(encoder, tmp_path / "encoder.pkl")  # whole pickled modules, as OpenAI released them
+  torch.save(decoder, tmp_path / "decoder.pkl")
+  _encode_openai = subprocess.run(
+      [sys.executable, SCRIPT, f"--openai_dvae={tmp_path}", "--dataset=shapes",
+       "--num_examples=4", f"--out_dir={tmp_path / 'codes'}", "--batch_size=4",
+       "--shard_size=4"], env={**os.environ, **CACHE_ENV}, capture_output=True, text=True)
+  assert _encode_openai.returncode == 0, _encode_openai.stderr[-3000:]
+  ours = codes_lib.read_shards(str(tmp_path / "codes"))["codes"]
+
+  loader = pipeline.Loader(make_source("shapes", resolution=256, num_examples=4),
+                           pipeline.LoaderConfig(resolution=256, batch_size=4, shuffle=False,
+                                                 num_epochs=1), process_index=0, process_count=1)
+  pixels = torch.from_numpy(next(loader)["image"]).permute(0, 3, 1, 2).float() / 255
+  with torch.no_grad():
+    theirs = encoder(dall_e.map_pixels(pixels)).argmax(1).numpy()
+  assert ours.shape == (4, 32, 32)
+  np.testing.assert_array_equal(ours, theirs)
