@@ -4,10 +4,8 @@
     step = make_train_step(model, train, mesh, state_shardings)
     state, metrics = step(state, images)          # images uint8[batch, H, W, 3], split over the batch
 
-The Gumbel noise of step t comes from `fold_in(state.rng, t)`, so a resumed run draws exactly what
-an uninterrupted one would. A step whose loss or gradient is not finite leaves the parameters,
-optimiser state and EMA untouched and counts itself in `state.nonfinite_steps`; the caller decides
-to stop (keeping its last good checkpoint) or to go on.
+The Gumbel noise of step t comes from `fold_in(state.rng, t)`; non-finite steps are skipped and
+counted (see `dalle_jax.train_state`).
 """
 
 from __future__ import annotations
@@ -18,12 +16,11 @@ import json
 import os
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 
-from dalle_jax import checkpointing, dvae, dvae_objective, schedules, sharding
+from dalle_jax import checkpointing, dvae, dvae_objective, schedules, sharding, train_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +74,7 @@ class DVAETrainConfig:
                                    self.steps(self.lr_decay_steps))
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array          # int32[]
-  params: Any
-  opt_state: Any
-  ema_params: Any
-  rng: jax.Array           # uint32[2]: raw key data, so checkpoints hold plain arrays
-  nonfinite_steps: jax.Array  # int32[]: steps skipped for a non-finite loss or gradient
+TrainState = train_state.TrainState
 
 
 def make_optimizer(train: DVAETrainConfig) -> optax.GradientTransformation:
@@ -100,10 +90,7 @@ def init_state(model: dvae.DVAEConfig, train: DVAETrainConfig, rng: jax.Array,
   init_rng, train_rng = jax.random.split(rng)
   if params is None:
     params = dvae.init(model, init_rng)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=make_optimizer(train).init(params),
-                    ema_params=jax.tree.map(jnp.copy, params),
-                    rng=jax.random.key_data(train_rng), nonfinite_steps=jnp.zeros((), jnp.int32))
+  return train_state.create(params, make_optimizer(train), train_rng)
 
 
 def state_shardings(model: dvae.DVAEConfig, train: DVAETrainConfig, mesh,
@@ -123,7 +110,7 @@ def create_sharded_state(model: dvae.DVAEConfig, train: DVAETrainConfig, mesh,
 def train_step(model: dvae.DVAEConfig, train: DVAETrainConfig, state: TrainState,
                images: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW update on the relaxed ELB; the pure function that `make_train_step` compiles."""
-  step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  step_rng = train_state.step_rng(state)
   tau = train.tau_schedule()(state.step)
   beta = train.beta_schedule()(state.step)
 
@@ -131,19 +118,9 @@ def train_step(model: dvae.DVAEConfig, train: DVAETrainConfig, state: TrainState
     return dvae_objective.relaxed_elb(model, params, images, step_rng, tau, beta)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = make_optimizer(train).update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = jax.tree.map(lambda e, p: train.ema_decay * e + (1 - train.ema_decay) * p,
-                     state.ema_params, params)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  # A non-finite step changes nothing but the step counter (the caller stops or skips).
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                            opt_state=keep(opt_state, state.opt_state),
-                            ema_params=keep(ema, state.ema_params),
-                            nonfinite_steps=state.nonfinite_steps + 1 - finite.astype(jnp.int32))
-  metrics.update(grad_norm=grad_norm, tau=tau, beta=beta, nonfinite=1 - finite.astype(jnp.int32),
+  new_state, update_metrics = train_state.apply_gradients(state, grads, loss,
+                                                          make_optimizer(train), train.ema_decay)
+  metrics.update(update_metrics, tau=tau, beta=beta,
                  learning_rate=train.lr_schedule()(state.step))
   return new_state, metrics
 

@@ -66,3 +66,42 @@ def host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) 
   """This host's share of a batch -> global arrays split over the mesh (multi-host safe)."""
   return {key: jax.make_array_from_process_local_data(sharding, value)
           for key, value in batch.items()}
+
+
+# ---------------------------------------------------------------- logical axes (the transformer)
+# Logical axis names on parameters and activations -> mesh axes. Parameters: the model dimension
+# (`embed`) is split over `fsdp`, heads, MLP width and vocabularies over `tensor`. Activations:
+# the batch over `data` x `fsdp`, heads and MLP width over `tensor`, the residual stream whole.
+TRANSFORMER_RULES = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("norm", None),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_mlp", "tensor"),
+)
+
+
+def check_divisible(abstract: Any, shardings: Any) -> None:
+  """Refuses, before anything compiles, a placement that splits an axis unevenly.
+
+  `abstract` holds arrays or ShapeDtypeStructs, `shardings` the matching NamedShardings.
+  """
+  problems = []
+  flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
+  for (path, leaf), named in zip(flat, jax.tree.leaves(shardings)):
+    for dim, axes in zip(leaf.shape, named.spec):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      parts = int(np.prod([named.mesh.shape[a] for a in axes], dtype=np.int64))
+      if dim % parts:
+        problems.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)}: {dim} over "
+                        f"{'x'.join(axes)} = {parts}")
+  if problems:
+    raise ValueError("these arrays do not split evenly over the mesh; change the model's widths "
+                     "or the mesh sizes (--config.mesh.*):\n  " + "\n  ".join(problems[:10]))

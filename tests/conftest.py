@@ -82,3 +82,27 @@ def write_folder(root: str, files: dict) -> str:
       with open(os.path.join(directory, stem + ".txt"), "wb") as f:
         f.write(caption)
   return root
+
+
+def make_stage2_data(root: str, *, vocab_size: int = 320, text_len: int = 16, grid: int = 4,
+                     image_vocab: int = 32, examples: int = 64) -> tuple[str, str]:
+  """A tokenizer and code shards for stage-2 tests: shapes captions, each with a fixed random
+  code grid drawn from its caption (so a model can learn them). Returns (tokenizer_dir,
+  codes_dir)."""
+  from dalle_jax import tokenizer as tokenizer_lib
+  from dalle_jax.data import codes as codes_lib
+  from dalle_jax.data import shapes
+
+  scenes = shapes.all_scenes("train")[:examples]
+  captions = ["\n".join(shapes.all_captions(s)[:2]) for s in scenes]
+  tokenizer_dir, codes_dir = os.path.join(root, "tokenizer"), os.path.join(root, "codes")
+  tokenizer_lib.train_tokenizer([c for cs in captions for c in cs.split("\n")], vocab_size,
+                                text_len, tokenizer_dir)
+  codes = np.stack([np.random.default_rng(i).integers(0, image_vocab, (grid, grid))
+                    for i in range(examples)])
+  os.makedirs(codes_dir, exist_ok=True)
+  half = examples // 2
+  for index, part in enumerate((slice(0, half), slice(half, examples))):
+    codes_lib.write_shard(codes_lib.shard_path(codes_dir, 0, index), codes[part],
+                          captions[part], [f"k{i}" for i in range(examples)][part])
+  return tokenizer_dir, codes_dir

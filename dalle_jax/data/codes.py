@@ -38,3 +38,72 @@ def read_shards(directory: str) -> dict[str, np.ndarray]:
   return {"codes": np.concatenate([p["codes"] for p in parts]).astype(np.int32),
           "captions": np.concatenate([p["captions"] for p in parts]),
           "keys": np.concatenate([p["keys"] for p in parts])}
+
+
+class CodeBatches:
+  """Batches of (text tokens, codes) from read_shards' arrays, shuffled per epoch, resumable.
+
+      batches = CodeBatches(read_shards(d), tokenizer, batch_size=64, seed=0)
+      batch = next(batches)   # {"text": int32[64, T], "codes": int32[64, h, w]}
+      state = batches.get_state(); ...; batches.set_state(state)
+
+  Each host takes the examples `i % process_count == process_index`. In training, every example
+  draws one of its captions and its BPE-dropout segmentation from a generator seeded by (seed,
+  epoch, example), so a resumed run sees exactly the batches an uninterrupted one would.
+  Evaluation (`training=False`): one pass in order, the first caption, no dropout, the last
+  partial batch dropped.
+  """
+
+  def __init__(self, arrays: dict[str, np.ndarray], tokenizer, batch_size: int, *,
+               seed: int = 0, training: bool = True, process_index: int = 0,
+               process_count: int = 1):
+    self.codes = arrays["codes"][process_index::process_count]
+    self.captions = arrays["captions"][process_index::process_count]
+    if len(self.codes) < batch_size:
+      raise ValueError(f"{len(self.codes)} examples on this host, fewer than one batch of "
+                       f"{batch_size}; encode more data or lower the batch size")
+    self.tokenizer = tokenizer
+    self.batch_size = batch_size
+    self.seed = seed
+    self.training = training
+    self.epoch, self.position = 0, 0
+    self.truncated_captions = 0
+
+  def __len__(self) -> int:
+    """Batches per epoch."""
+    return len(self.codes) // self.batch_size
+
+  def __iter__(self):
+    return self
+
+  def get_state(self) -> dict[str, int]:
+    return {"epoch": self.epoch, "position": self.position,
+            "truncated_captions": self.truncated_captions}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    self.epoch, self.position = int(state["epoch"]), int(state["position"])
+    self.truncated_captions = int(state.get("truncated_captions", 0))
+
+  def _order(self) -> np.ndarray:
+    if not self.training:
+      return np.arange(len(self.codes))
+    return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.codes))
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.position + self.batch_size > len(self.codes):
+      if not self.training:
+        raise StopIteration
+      self.epoch, self.position = self.epoch + 1, 0
+    indices = self._order()[self.position:self.position + self.batch_size]
+    self.position += self.batch_size
+    text = np.empty((self.batch_size, self.tokenizer.text_len), np.int32)
+    for row, index in enumerate(indices):
+      candidates = str(self.captions[index]).split("\n")
+      if self.training:
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        caption = candidates[rng.integers(len(candidates))]
+        text[row], truncated = self.tokenizer.encode(caption, training=True, rng=rng)
+      else:
+        text[row], truncated = self.tokenizer.encode(candidates[0])
+      self.truncated_captions += int(truncated)
+    return {"text": text, "codes": self.codes[indices]}

@@ -1,0 +1,58 @@
+"""The state both stages train: parameters, optimiser state, EMA, step, RNG, and the update rule.
+
+A step whose loss or gradient is not finite leaves parameters, optimiser state and EMA untouched
+and counts itself in `nonfinite_steps`; the launch script decides to stop (keeping its last good
+checkpoint) or to go on. The randomness of step t is `fold_in(rng, t)`, so a resumed run draws
+exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # int32[]
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array           # uint32[2]: raw key data, so checkpoints hold plain arrays
+  nonfinite_steps: jax.Array  # int32[]: steps skipped for a non-finite loss or gradient
+
+
+def create(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  """Step 0: the optimiser initialised on `params`, the EMA equal to them."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), ema_params=jax.tree.map(jnp.copy, params),
+                    rng=jax.random.key_data(rng), nonfinite_steps=jnp.zeros((), jnp.int32))
+
+
+def step_rng(state: TrainState) -> jax.Array:
+  """The PRNG key of the current step."""
+  return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def apply_gradients(state: TrainState, grads: Any, loss: jax.Array,
+                    optimizer: optax.GradientTransformation, ema_decay: float,
+                    **extra_args: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser update and EMA step, skipped (but counted) if loss or gradient is not finite.
+
+  `extra_args` go to `optimizer.update` (e.g. `value=loss` for reduce-on-plateau).
+  """
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra_args)
+  params = optax.apply_updates(state.params, updates)
+  ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            opt_state=keep(opt_state, state.opt_state),
+                            ema_params=keep(ema, state.ema_params),
+                            nonfinite_steps=state.nonfinite_steps + 1 - finite.astype(jnp.int32))
+  return new_state, {"grad_norm": grad_norm, "nonfinite": 1 - finite.astype(jnp.int32)}

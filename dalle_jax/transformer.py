@@ -1,0 +1,280 @@
+"""Stage 2: the decoder-only transformer over [caption tokens; image codes] (Section 2.2, App. B).
+
+    model = Transformer(config)
+    text_logits, image_logits = model.apply({"params": params}, text, codes)
+    loss, metrics = dalle_loss(config, text_logits, image_logits, text, codes)
+
+The input is the `text_len` text ids (BPE pieces, then the per-position pad ids `vocab + i`)
+followed by the `H*W` image codes in raster order: `text_len + H*W` positions, the shape of the
+masks in `dalle_jax.masks`. Position i predicts token i+1, so text positions 0..T-2 predict text
+(over pieces and pads) and positions T-1..T+N-2 predict the image codes; the first text token is
+context only and the last position's output is not used.
+
+Every parameter and the main activations carry logical axis names (`embed`, `heads`, `mlp`,
+`vocab`, `batch`, ...); `dalle_jax.sharding.TRANSFORMER_RULES` maps them onto the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dalle_jax import attention, masks
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Geometry and options of the transformer; the defaults are the paper's 12B model."""
+  text_vocab_size: int = 16_384   # BPE pieces; the text_len pad ids follow them
+  text_len: int = 256
+  image_vocab_size: int = 8_192
+  image_size: int = 32            # the code grid is image_size x image_size
+  width: int = 3_968
+  depth: int = 64
+  heads: int = 62
+  head_dim: int = 64
+  mlp_ratio: int = 4
+  layer_kinds: tuple[str, ...] | None = None   # None: the paper's schedule, masks.layer_kinds
+  conv_kernel: int = 11
+  attention: str = "dense"
+  dtype: str = "float32"          # compute dtype; parameters stay float32
+  remat: bool = False             # recompute each block's activations in the backward pass
+  dropout: float = 0.0
+  text_loss_weight: float = 1 / 8  # the image loss gets 1 - this
+
+  def __post_init__(self):
+    if isinstance(self.layer_kinds, list):
+      object.__setattr__(self, "layer_kinds", tuple(self.layer_kinds))
+    problems = []
+    for name in ("text_vocab_size", "text_len", "image_vocab_size", "image_size", "width",
+                 "depth", "heads", "head_dim", "mlp_ratio"):
+      if getattr(self, name) < 1:
+        problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.text_len < 2:
+      problems.append("text_len must be >= 2 (the first text token is context only)")
+    if self.layer_kinds is not None:
+      if len(self.layer_kinds) != self.depth:
+        problems.append(f"layer_kinds has {len(self.layer_kinds)} entries for depth {self.depth}")
+      unknown = sorted(set(self.layer_kinds) - set(masks.KINDS))
+      if unknown:
+        problems.append(f"unknown layer kinds {unknown}; choose from {', '.join(masks.KINDS)}")
+    if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+      problems.append(f"conv_kernel must be odd and positive, got {self.conv_kernel}")
+    if self.attention not in attention.IMPLEMENTATIONS:
+      problems.append(f"attention must be one of {attention.IMPLEMENTATIONS}, got "
+                      f"{self.attention!r}")
+    if self.dtype not in DTYPES:
+      problems.append(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+    if not 0 <= self.dropout < 1:
+      problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+    if not 0 <= self.text_loss_weight <= 1:
+      problems.append(f"text_loss_weight must be in [0, 1], got {self.text_loss_weight}")
+    if problems:
+      raise ValueError("bad transformer config: " + "; ".join(problems))
+
+  @property
+  def image_len(self) -> int:
+    return self.image_size * self.image_size
+
+  @property
+  def seq_len(self) -> int:
+    return self.text_len + self.image_len
+
+  @property
+  def num_text_tokens(self) -> int:
+    """Text ids: the BPE pieces, then one pad id per text position."""
+    return self.text_vocab_size + self.text_len
+
+  def kinds(self) -> tuple[str, ...]:
+    return self.layer_kinds or tuple(masks.layer_kinds(self.depth))
+
+  def mask(self, kind: str) -> np.ndarray:
+    return masks.attention_mask(kind, self.text_len, self.image_size, self.image_size,
+                                self.conv_kernel)
+
+
+def _init(stddev: float, names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
+
+
+def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """Logical sharding of an activation; a no-op unless a mesh and rules are in context."""
+  return nn.with_logical_constraint(x, names)
+
+
+class LayerNorm(nn.Module):
+  """Layer norm computed in float32 with logically named scale and bias."""
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (features,), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                      (features,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+    return y.astype(self.dtype)
+
+
+class Projection(nn.Module):
+  """`einsum(equation, x, kernel) + bias` with logically named float32 parameters, computed in
+  `dtype`: one module for the q/k/v, output, MLP and head projections."""
+  equation: str
+  kernel_shape: tuple[int, ...]
+  kernel_names: tuple[str | None, ...]
+  bias_names: tuple[str | None, ...]
+  stddev: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", _init(self.stddev, self.kernel_names), self.kernel_shape,
+                        jnp.float32)
+    bias_shape = self.kernel_shape[-len(self.bias_names):]
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                           self.bias_names),
+                      bias_shape, jnp.float32)
+    y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention under one static mask: [B, S, width] -> [B, S, width]."""
+  config: TransformerConfig
+  kind: str
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    dtype = DTYPES[c.dtype]
+    qkv = Projection("bse,ethd->bsthd", (c.width, 3, c.heads, c.head_dim),
+                     ("embed", None, "heads", "kv"), (None, "heads", "kv"), 0.02, dtype,
+                     name="qkv")(x)
+    qkv = _constrain(qkv, ("batch", "length", None, "act_heads", "act_kv"))
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out = attention.attend(q, k, v, c.mask(self.kind), c.attention)
+    out = _constrain(out, ("batch", "length", "act_heads", "act_kv"))
+    # GPT-2's scaled init of residual outputs keeps the stream's variance flat with depth.
+    return Projection("bshd,hde->bse", (c.heads, c.head_dim, c.width), ("heads", "kv", "embed"),
+                      ("norm",), 0.02 / np.sqrt(2 * c.depth), dtype, name="out")(out)
+
+
+class MLP(nn.Module):
+  """Two dense layers with a GELU between, `mlp_ratio` times wider inside."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    dtype = DTYPES[c.dtype]
+    hidden = Projection("bse,em->bsm", (c.width, c.mlp_ratio * c.width), ("embed", "mlp"),
+                        ("mlp",), 0.02, dtype, name="wi")(x)
+    hidden = _constrain(nn.gelu(hidden), ("batch", "length", "act_mlp"))
+    return Projection("bsm,me->bse", (c.mlp_ratio * c.width, c.width), ("mlp", "embed"),
+                      ("norm",), 0.02 / np.sqrt(2 * c.depth), dtype, name="wo")(hidden)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  config: TransformerConfig
+  kind: str
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    c = self.config
+    dtype = DTYPES[c.dtype]
+    drop = nn.Dropout(c.dropout, deterministic=deterministic)
+    x = x + drop(Attention(c, self.kind, name="attention")(LayerNorm(dtype, name="ln_1")(x)))
+    x = x + drop(MLP(c, name="mlp")(LayerNorm(dtype, name="ln_2")(x)))
+    return _constrain(x, ("batch", "length", "act_embed"))
+
+
+class Transformer(nn.Module):
+  """text int32[B, T], codes int32[B, H, W] or [B, H*W] ->
+  (text logits float32[B, T-1, T_vocab + T], image logits float32[B, H*W, image_vocab])."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, text: jax.Array, codes: jax.Array,
+               deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    c = self.config
+    dtype = DTYPES[c.dtype]
+    batch = text.shape[0]
+    codes = codes.reshape(batch, c.image_len)
+    if text.shape[1] != c.text_len:
+      raise ValueError(f"text has {text.shape[1]} positions, the config {c.text_len}")
+
+    # Tables split over `embed` only: gathers from vocab-split tables reshard through full copies.
+    embed = lambda name, n, names=(None, "embed"): self.param(
+        name, _init(0.02, names), (n, c.width), jnp.float32)
+    text_table = embed("text_embedding", c.num_text_tokens)
+    image_table = embed("image_embedding", c.image_vocab_size)
+    text_pos = embed("text_position", c.text_len, (None, "embed"))
+    rows = embed("image_row", c.image_size, (None, "embed"))
+    cols = embed("image_column", c.image_size, (None, "embed"))
+
+    text_x = jnp.take(text_table, text, axis=0) + text_pos
+    image_pos = (rows[:, None, :] + cols[None, :, :]).reshape(c.image_len, c.width)
+    image_x = jnp.take(image_table, codes, axis=0) + image_pos
+    x = jnp.concatenate([text_x, image_x], axis=1).astype(dtype)
+    x = _constrain(x, ("batch", "length", "act_embed"))
+    x = nn.Dropout(c.dropout, deterministic=deterministic)(x)
+
+    block = nn.remat(Block, static_argnums=(2,)) if c.remat else Block
+    for i, kind in enumerate(c.kinds()):
+      x = block(c, kind, name=f"block_{i}")(x, deterministic)
+    x = LayerNorm(dtype, name="ln_final")(x)
+
+    head = lambda name, n, inputs: Projection(
+        "bse,ev->bsv", (c.width, n), ("embed", "vocab"), ("vocab",), 0.02, dtype,
+        name=name)(inputs)
+    text_logits = head("text_head", c.num_text_tokens, x[:, :c.text_len - 1])
+    image_logits = head("image_head", c.image_vocab_size, x[:, c.text_len - 1:c.seq_len - 1])
+    return text_logits.astype(jnp.float32), image_logits.astype(jnp.float32)
+
+
+def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean over all positions of -log softmax(logits)[target]: [B, S, V], int[B, S] -> []."""
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1).mean()
+
+
+def dalle_loss(config: TransformerConfig, text_logits: jax.Array, image_logits: jax.Array,
+               text: jax.Array, codes: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The paper's loss: text and image cross-entropy, each averaged over its own targets, mixed
+  `text_loss_weight` : 1 - `text_loss_weight` (1/8 : 7/8). Returns (loss, metrics in nats)."""
+  text_loss = _cross_entropy(text_logits, text[:, 1:])
+  image_loss = _cross_entropy(image_logits, codes.reshape(codes.shape[0], -1))
+  w = config.text_loss_weight
+  loss = w * text_loss + (1 - w) * image_loss
+  return loss, {"loss": loss, "text_loss": text_loss, "image_loss": image_loss}
+
+
+def init(config: TransformerConfig, rng: jax.Array) -> Any:
+  """Parameters (boxed with their logical names) for batch-shaped inputs of the config."""
+  text = jnp.zeros((1, config.text_len), jnp.int32)
+  codes = jnp.zeros((1, config.image_len), jnp.int32)
+  return Transformer(config).init(rng, text, codes)["params"]
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_params(config: TransformerConfig) -> Any:
+  """The boxed parameter tree as ShapeDtypeStructs: shapes and logical names, nothing allocated."""
+  return jax.eval_shape(functools.partial(init, config), jax.random.key(0))
+
+
+def count_params(config: TransformerConfig) -> int:
+  leaves = jax.tree.leaves(nn.unbox(abstract_params(config)))
+  return int(sum(np.prod(x.shape, dtype=np.int64) for x in leaves))

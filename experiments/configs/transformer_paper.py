@@ -1,0 +1,23 @@
+"""The paper's 12B transformer (Appendix B): 64 layers, 62 heads of 64, text 256 over 16,384,
+32x32 codes over 8,192, batch 1024, bf16 compute, rematerialised blocks, sharded over a pod."""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.model = dict(text_vocab_size=16_384, text_len=256, image_vocab_size=8_192,
+                      image_size=32, width=3_968, depth=64, heads=62, head_dim=64,
+                      conv_kernel=11, dtype="bfloat16", remat=True, dropout=0.0,
+                      attention="dense")
+  config.train = dict(batch_size=1024, num_steps=430_000, learning_rate=4.5e-4,
+                      warmup_steps=5_000, decay="plateau", plateau_patience=5_000,
+                      ema_decay=0.99, caption_dropout=0.0)
+  config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", eval_batches=16)
+  # 62 heads split only 2 or 31 ways: FSDP carries most of the split.
+  config.mesh = dict(data=-1, fsdp=64, tensor=2)
+  config.log_every = 100
+  config.eval_every = 5_000
+  config.checkpoint_every = 1_000
+  config.keep_checkpoints = 3
+  return config

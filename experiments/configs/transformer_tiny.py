@@ -1,0 +1,20 @@
+"""The smallest transformer that exercises every code path: for tests and smoke runs."""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.model = dict(text_vocab_size=320, text_len=16, image_vocab_size=32, image_size=4,
+                      width=32, depth=4, heads=4, head_dim=8, conv_kernel=3, dtype="float32",
+                      remat=False, dropout=0.0, attention="dense")
+  config.train = dict(batch_size=8, num_steps=8, learning_rate=1e-3, warmup_steps=2,
+                      final_learning_rate=1e-4, ema_decay=0.9, caption_dropout=0.1)
+  # codes_dir: shards from experiments/encode_dataset.py; tokenizer_dir: train_tokenizer.py's.
+  config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", eval_batches=1)
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.log_every = 1
+  config.eval_every = 4
+  config.checkpoint_every = 2
+  config.keep_checkpoints = 2
+  return config

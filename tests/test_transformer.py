@@ -1,0 +1,112 @@
+"""Tests for dalle_jax/transformer.py: geometry, the masks each layer really applies, the loss."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dalle_jax import masks, transformer
+from dalle_jax.transformer import TransformerConfig
+
+TINY = TransformerConfig(text_vocab_size=56, text_len=8, image_vocab_size=32, image_size=4,
+                         width=32, depth=4, heads=4, head_dim=8, conv_kernel=3)
+
+
+def _batch(config, seed=0, batch=2):
+  rng = np.random.default_rng(seed)
+  text = rng.integers(0, config.num_text_tokens, (batch, config.text_len)).astype(np.int32)
+  codes = rng.integers(0, config.image_vocab_size,
+                       (batch, config.image_size, config.image_size)).astype(np.int32)
+  return jnp.asarray(text), jnp.asarray(codes)
+
+
+def _params(config, seed=0):
+  return nn.unbox(transformer.init(config, jax.random.key(seed)))
+
+
+def test_paper_config_has_about_12_billion_parameters():
+  paper = TransformerConfig()
+  assert paper.seq_len == 1280 and paper.num_text_tokens == 16_384 + 256
+  per_layer = 4 * 3968 + 3 * 3968 * 3968 + 3 * 3968 + 3968 * 3968 + 3968 + 2 * 4 * 3968 ** 2 \
+      + 4 * 3968 + 3968
+  embeddings = (16_640 + 8192 + 256 + 32 + 32) * 3968
+  heads = 3968 * 16_640 + 16_640 + 3968 * 8192 + 8192 + 2 * 3968
+  expected = 64 * per_layer + embeddings + heads
+  assert transformer.count_params(paper) == expected
+  assert 11.5e9 < expected < 12.5e9
+  assert paper.kinds()[:6] == ("row", "column", "row", "row", "row", "column")
+  assert paper.kinds()[-1] == "conv"
+
+
+def test_shapes_and_initial_loss_near_uniform():
+  text, codes = _batch(TINY)
+  params = _params(TINY)
+  text_logits, image_logits = transformer.Transformer(TINY).apply({"params": params}, text, codes)
+  assert text_logits.shape == (2, 7, 64) and image_logits.shape == (2, 16, 32)
+  loss, metrics = transformer.dalle_loss(TINY, text_logits, image_logits, text, codes)
+  assert abs(float(metrics["text_loss"]) - np.log(64)) < 0.1
+  assert abs(float(metrics["image_loss"]) - np.log(32)) < 0.1
+  np.testing.assert_allclose(float(loss), (metrics["text_loss"] + 7 * metrics["image_loss"]) / 8,
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", masks.KINDS)
+def test_each_layer_sees_exactly_what_its_mask_allows(kind):
+  # One layer: the output at query q changes with the input at position k iff mask[q, k].
+  config = dataclasses.replace(TINY, depth=1, layer_kinds=(kind,))
+  params = _params(config, seed=1)
+  text, codes = _batch(config, seed=1, batch=1)
+  mask = config.mask(kind)
+
+  def outputs(text, codes):
+    text_logits, image_logits = transformer.Transformer(config).apply(
+        {"params": params}, text, codes)
+    # Position i's prediction: text logits at 0..T-2, image logits at T-1..T+N-2.
+    return jnp.concatenate([text_logits[0, :, 0], image_logits[0, :, 0]])
+
+  base = outputs(text, codes)
+  seen = np.zeros((config.seq_len - 1, config.seq_len), bool)
+  for key in range(config.seq_len):
+    if key < config.text_len:
+      changed = text.at[0, key].set((text[0, key] + 1) % config.num_text_tokens), codes
+    else:
+      flat = codes.reshape(-1)
+      i = key - config.text_len
+      changed = text, flat.at[i].set((flat[i] + 1) % config.image_vocab_size).reshape(codes.shape)
+    seen[:, key] = np.abs(np.asarray(outputs(*changed) - base)) > 1e-7
+  np.testing.assert_array_equal(seen, mask[:-1])
+
+
+def test_bfloat16_and_remat_match_float32():
+  text, codes = _batch(TINY)
+  params = _params(TINY)
+
+  def loss(config):
+    def f(p):
+      logits = transformer.Transformer(config).apply({"params": p}, text, codes)
+      return transformer.dalle_loss(config, *logits, text, codes)[0]
+    return jax.value_and_grad(f)(params)
+
+  value, grads = loss(TINY)
+  remat_value, remat_grads = loss(dataclasses.replace(TINY, remat=True))
+  np.testing.assert_allclose(remat_value, value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), remat_grads, grads)
+  bf16_value, _ = loss(dataclasses.replace(TINY, dtype="bfloat16"))
+  assert abs(float(bf16_value) - float(value)) < 0.02
+  assert jax.tree.leaves(params)[0].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(layer_kinds=("row", "sparse", "row", "conv")), "unknown layer kinds"),
+    (dict(layer_kinds=("row",)), "1 entries for depth 4"),
+    (dict(conv_kernel=4), "conv_kernel"),
+    (dict(dtype="float16"), "dtype"),
+    (dict(attention="flash"), "attention"),
+    (dict(text_len=1), "text_len"),
+])
+def test_bad_configs_are_refused(change, message):
+  with pytest.raises(ValueError, match=message):
+    dataclasses.replace(TINY, **change)
