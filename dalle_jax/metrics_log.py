@@ -16,8 +16,12 @@ class MetricsLog:
   killed) are dropped, so the file reads as one uninterrupted run.
   """
 
-  def __init__(self, path: str, resume_step: int | None = None):
+  def __init__(self, path: str, resume_step: int | None = None, enabled: bool = True):
+    """`enabled=False` (every host but the first, in a multi-host run) writes nothing."""
     self.path = path
+    self.enabled = enabled
+    if not enabled:
+      return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if resume_step is not None and os.path.exists(path):
       with open(path) as f:
@@ -28,6 +32,8 @@ class MetricsLog:
       os.remove(path)
 
   def write(self, step: int, metrics: dict[str, Any]):
+    if not self.enabled:
+      return
     record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")

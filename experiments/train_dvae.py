@@ -85,7 +85,8 @@ def main(argv):
   start = int(state.step)
   train_step = dvae_training.make_train_step(model, train, mesh, shardings)
   log = metrics_log.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
-                               resume_step=start if restored else None)
+                               resume_step=start if restored else None,
+                               enabled=jax.process_index() == 0)
   batch_sharding = sharding.batch_sharding(mesh)
 
   # ---------------------------------------------------------------- loop

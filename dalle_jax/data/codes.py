@@ -41,29 +41,33 @@ def read_shards(directory: str) -> dict[str, np.ndarray]:
 
 
 class CodeBatches:
-  """Batches of (text tokens, codes) from read_shards' arrays, shuffled per epoch, resumable.
+  """This host's share of global batches of (text tokens, codes), shuffled per epoch, resumable.
 
       batches = CodeBatches(read_shards(d), tokenizer, batch_size=64, seed=0)
-      batch = next(batches)   # {"text": int32[64, T], "codes": int32[64, h, w]}
+      batch = next(batches)   # {"text": int32[64 / hosts, T], "codes": int32[64 / hosts, h, w]}
       state = batches.get_state(); ...; batches.set_state(state)
 
-  Each host takes the examples `i % process_count == process_index`. In training, every example
-  draws one of its captions and its BPE-dropout segmentation from a generator seeded by (seed,
-  epoch, example), so a resumed run sees exactly the batches an uninterrupted one would.
-  Evaluation (`training=False`): one pass in order, the first caption, no dropout, the last
-  partial batch dropped.
+  Every host draws the same global batch (the epoch's permutation of all examples) and keeps its
+  contiguous slice, the rows its devices hold: the global batch is the same for any number of
+  hosts, so a run may move between host counts. In training, each example draws one of its
+  captions and its BPE-dropout segmentation from a generator seeded by (seed, epoch, example), so
+  a resumed run sees exactly the batches an uninterrupted one would. Evaluation
+  (`training=False`): one pass in order, the first caption, no dropout, no partial batch.
   """
 
   def __init__(self, arrays: dict[str, np.ndarray], tokenizer, batch_size: int, *,
                seed: int = 0, training: bool = True, process_index: int = 0,
                process_count: int = 1):
-    self.codes = arrays["codes"][process_index::process_count]
-    self.captions = arrays["captions"][process_index::process_count]
+    if batch_size % process_count:
+      raise ValueError(f"batch size {batch_size} does not split over {process_count} hosts")
+    self.codes, self.captions = arrays["codes"], arrays["captions"]
     if len(self.codes) < batch_size:
-      raise ValueError(f"{len(self.codes)} examples on this host, fewer than one batch of "
-                       f"{batch_size}; encode more data or lower the batch size")
+      raise ValueError(f"{len(self.codes)} examples, fewer than one batch of {batch_size}; "
+                       "encode more data or lower the batch size")
     self.tokenizer = tokenizer
     self.batch_size = batch_size
+    self.host_rows = slice(process_index * batch_size // process_count,
+                           (process_index + 1) * batch_size // process_count)
     self.seed = seed
     self.training = training
     self.epoch, self.position = 0, 0
@@ -94,9 +98,9 @@ class CodeBatches:
       if not self.training:
         raise StopIteration
       self.epoch, self.position = self.epoch + 1, 0
-    indices = self._order()[self.position:self.position + self.batch_size]
+    indices = self._order()[self.position:self.position + self.batch_size][self.host_rows]
     self.position += self.batch_size
-    text = np.empty((self.batch_size, self.tokenizer.text_len), np.int32)
+    text = np.empty((len(indices), self.tokenizer.text_len), np.int32)
     for row, index in enumerate(indices):
       candidates = str(self.captions[index]).split("\n")
       if self.training:

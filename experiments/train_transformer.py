@@ -1,0 +1,163 @@
+"""Stage 2: train the transformer on pre-encoded (caption, codes) shards.
+
+  python experiments/train_transformer.py --config=experiments/configs/transformer_small.py \
+      --workdir=runs/transformer --config.data.codes_dir=runs/codes \
+      --config.data.tokenizer_dir=runs/tokenizer
+  # 8 devices as 2 data x 2 fsdp x 2 tensor:
+  python experiments/train_transformer.py ... --config.mesh.fsdp=2 --config.mesh.tensor=2
+
+The codes come from experiments/encode_dataset.py, the tokenizer from train_tokenizer.py. A killed
+run started again with the same --workdir resumes from its last complete checkpoint, on any mesh.
+The workdir holds checkpoints/, metrics.jsonl, TensorBoard events (tensorboard/) and config.json.
+"""
+
+import os
+
+from absl import app, flags, logging
+import jax
+import numpy as np
+from ml_collections import config_flags
+import tqdm
+
+from dalle_jax import (checkpointing, launch, metrics_log, sharding, tensorboard,
+                       transformer_training)
+from dalle_jax import tokenizer as tokenizer_lib
+from dalle_jax.data import codes as codes_lib
+from dalle_jax.transformer import TransformerConfig
+from dalle_jax.transformer_training import TransformerTrainConfig
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs", "transformer_small.py"),
+    "Experiment config (a .py file with get_config()); override fields with --config.a.b=v.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, or auto.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_STOP_AT = flags.DEFINE_integer(
+    "stop_at_step", None, "Checkpoint and exit at this step, the schedules still running to "
+    "num_steps (time-limited jobs; run again to continue).")
+
+
+def check_data(model: TransformerConfig, tokenizer, arrays: dict[str, np.ndarray],
+               where: str) -> None:
+  """Refuses data that does not fit the model, before anything compiles."""
+  if (tokenizer.vocab_size, tokenizer.text_len) != (model.text_vocab_size, model.text_len):
+    raise ValueError(
+        f"the tokenizer has {tokenizer.vocab_size} pieces and text_len {tokenizer.text_len}, the "
+        f"model {model.text_vocab_size} and {model.text_len}: set --config.model.text_vocab_size="
+        f"{tokenizer.vocab_size} --config.model.text_len={tokenizer.text_len}")
+  grid = arrays["codes"].shape[1:]
+  if grid != (model.image_size, model.image_size):
+    raise ValueError(f"{where} holds {grid} code grids, the model expects "
+                     f"{model.image_size}x{model.image_size}: set --config.model.image_size")
+  if arrays["codes"].min() < 0 or arrays["codes"].max() >= model.image_vocab_size:
+    raise ValueError(f"{where} holds codes up to {arrays['codes'].max()}, outside the model's "
+                     f"image_vocab_size {model.image_vocab_size}: set it to the dVAE's vocabulary")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  config = _CONFIG.value
+  # ---------------------------------------------------------------- config, refused before compiling
+  model = TransformerConfig(**config.model)
+  train = TransformerTrainConfig(**config.train)
+  if not config.data.codes_dir or not config.data.tokenizer_dir:
+    raise ValueError("set --config.data.codes_dir (encode_dataset.py's output) and "
+                     "--config.data.tokenizer_dir (train_tokenizer.py's output)")
+  launch.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  workdir = _WORKDIR.value
+  launch.prepare_workdir(workdir, config.to_dict())
+
+  # ---------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh(**config.mesh)
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro_batch = train.batch_size // train.grad_accum_steps
+  if micro_batch % batch_devices:
+    raise ValueError(f"batch_size / grad_accum_steps = {micro_batch} must divide over the "
+                     f"{batch_devices} devices of the data and fsdp axes")
+
+  # ---------------------------------------------------------------- input
+  tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer_dir)
+  arrays = codes_lib.read_shards(config.data.codes_dir)
+  check_data(model, tokenizer, arrays, config.data.codes_dir)
+  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  batches = codes_lib.CodeBatches(arrays, tokenizer, train.batch_size, seed=train.seed,
+                                  **hosts)
+  eval_batches = []
+  if config.data.eval_codes_dir:
+    eval_arrays = codes_lib.read_shards(config.data.eval_codes_dir)
+    check_data(model, tokenizer, eval_arrays, config.data.eval_codes_dir)
+    eval_iter = codes_lib.CodeBatches(eval_arrays, tokenizer, train.batch_size, training=False,
+                                      **hosts)
+    eval_batches = [b for b, _ in zip(eval_iter, range(config.data.eval_batches))]
+
+  # ---------------------------------------------------------------- model, optimiser, sharding
+  shardings = transformer_training.state_shardings(model, train, mesh)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            keep=config.keep_checkpoints,
+                                            every=config.checkpoint_every)
+  abstract = checkpointing.abstract_like(
+      jax.eval_shape(lambda: transformer_training.init_state(model, train, jax.random.key(0))),
+      shardings)
+  restored = checkpointer.restore(abstract)
+  if restored is None:
+    state = transformer_training.create_sharded_state(model, train, mesh, shardings)
+    tqdm.tqdm.write("starting from scratch")
+  else:
+    state, extras = restored
+    batches.set_state(extras["data"])
+    tqdm.tqdm.write(f"resumed from step {int(state.step)}")
+  start = int(state.step)
+  train_step = transformer_training.make_train_step(model, train, mesh, shardings)
+  eval_step = transformer_training.make_eval_step(model, mesh, shardings.params)
+  log = metrics_log.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
+                               resume_step=start if restored else None,
+                               enabled=jax.process_index() == 0)
+  events = (tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+            if jax.process_index() == 0 else None)
+  to_global = lambda batch: sharding.host_batch_to_global(batch, sharding.batch_sharding(mesh))
+
+  def write(step, values):
+    log.write(step, values)
+    if events:
+      events.scalars(step, {k: float(v) for k, v in values.items() if np.ndim(v) == 0})
+
+  # ---------------------------------------------------------------- loop
+  nonfinite_seen = int(state.nonfinite_steps)
+  progress = tqdm.tqdm(total=train.num_steps, initial=start, unit="step",
+                       disable=jax.process_index() != 0)
+  last = min(train.num_steps, _STOP_AT.value or train.num_steps)
+  for step in range(start + 1, last + 1):
+    state, metrics = train_step(state, to_global(next(batches)))
+
+    due = lambda every: every > 0 and (step % every == 0 or step == train.num_steps)
+    if due(config.log_every) or due(config.checkpoint_every):
+      nonfinite = int(state.nonfinite_steps)
+      if nonfinite > nonfinite_seen and train.on_nonfinite == "stop":
+        raise FloatingPointError(
+            f"non-finite loss or gradient at or before step {step}; stopping with the last good "
+            f"checkpoint (step {checkpointer.latest_step()}) kept. Lower the learning rate, or set "
+            "--config.train.on_nonfinite=skip to skip such steps and count them.")
+      nonfinite_seen = nonfinite
+    if due(config.log_every):
+      values = jax.device_get(metrics)
+      write(step, {**values, "nonfinite_steps": nonfinite_seen,
+                   "data/epoch": batches.epoch,
+                   "data/truncated_captions": batches.truncated_captions})
+      progress.set_postfix(loss=f"{values['loss']:.4f}", image=f"{values['image_loss']:.3f}")
+    if eval_batches and due(config.eval_every):
+      totals = [jax.device_get(eval_step(state.ema_params, to_global(b))) for b in eval_batches]
+      write(step, {f"eval/{k}": float(np.mean([t[k] for t in totals])) for k in totals[0]})
+    checkpointer.save(step, state, {"data": batches.get_state()}, force=step == last)
+    progress.update(1)
+  progress.close()
+  checkpointer.wait()
+  checkpointer.close()
+  if events:
+    events.close()
+  print(f"stopped at step {last} of {train.num_steps}")
+
+
+if __name__ == "__main__":
+  app.run(main)
