@@ -128,6 +128,15 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+def _attend_rows(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array) -> jax.Array:
+  """Decode-time attention of L new queries over the cache through traced mask rows:
+  q [B, L, H, D], k and v [B, S, H, D], rows bool[L, S] -> [B, L, H, D]."""
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.where(rows, scores * q.shape[-1] ** -0.5, -jnp.inf)
+  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
 class Projection(nn.Module):
   """`einsum(equation, x, kernel) + bias` with logically named float32 parameters, computed in
   `dtype`: one module for the q/k/v, output, MLP and head projections."""
@@ -151,12 +160,17 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention under one static mask: [B, S, width] -> [B, S, width]."""
+  """Multi-head self-attention under one static mask: [B, L, width] -> [B, L, width].
+
+  Training: L = seq_len, the whole mask. Decoding (`start` given): the L new positions from
+  `start` on are written into a key/value cache of the whole sequence (the `cache` collection)
+  and attend to it through rows start..start+L-1 of the same mask.
+  """
   config: TransformerConfig
   kind: str
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, start: jax.Array | int | None = None) -> jax.Array:
     c = self.config
     dtype = DTYPES[c.dtype]
     qkv = Projection("bse,ethd->bsthd", (c.width, 3, c.heads, c.head_dim),
@@ -164,7 +178,17 @@ class Attention(nn.Module):
                      name="qkv")(x)
     qkv = _constrain(qkv, ("batch", "length", None, "act_heads", "act_kv"))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    out = attention.attend(q, k, v, c.mask(self.kind), c.attention)
+    mask = c.mask(self.kind)
+    if start is None:
+      out = attention.attend(q, k, v, mask, c.attention)
+    else:
+      shape = (x.shape[0], c.seq_len, c.heads, c.head_dim)
+      keys = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
+      values = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
+      keys.value = jax.lax.dynamic_update_slice(keys.value, k, (0, start, 0, 0))
+      values.value = jax.lax.dynamic_update_slice(values.value, v, (0, start, 0, 0))
+      rows = jax.lax.dynamic_slice(jnp.asarray(mask), (start, 0), (x.shape[1], c.seq_len))
+      out = _attend_rows(q, keys.value, values.value, rows)
     out = _constrain(out, ("batch", "length", "act_heads", "act_kv"))
     # GPT-2's scaled init of residual outputs keeps the stream's variance flat with depth.
     return Projection("bshd,hde->bse", (c.heads, c.head_dim, c.width), ("heads", "kv", "embed"),
@@ -192,57 +216,85 @@ class Block(nn.Module):
   kind: str
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool,
+               start: jax.Array | int | None = None) -> jax.Array:
     c = self.config
     dtype = DTYPES[c.dtype]
     drop = nn.Dropout(c.dropout, deterministic=deterministic)
-    x = x + drop(Attention(c, self.kind, name="attention")(LayerNorm(dtype, name="ln_1")(x)))
+    x = x + drop(Attention(c, self.kind, name="attention")(LayerNorm(dtype, name="ln_1")(x),
+                                                           start))
     x = x + drop(MLP(c, name="mlp")(LayerNorm(dtype, name="ln_2")(x)))
     return _constrain(x, ("batch", "length", "act_embed"))
 
 
 class Transformer(nn.Module):
-  """text int32[B, T], codes int32[B, H, W] or [B, H*W] ->
-  (text logits float32[B, T-1, T_vocab + T], image logits float32[B, H*W, image_vocab])."""
+  """The model. Training: `__call__(text int32[B, T], codes int32[B, H, W] or [B, H*W])` ->
+  (text logits float32[B, T-1, T_vocab + T], image logits float32[B, H*W, image_vocab]).
+
+  Sampling, with the `cache` collection mutable: `prefill(text)` runs the caption and returns the
+  logits of image code 0; `decode(codes_j, j)` feeds code j and returns the logits of code j+1.
+  """
   config: TransformerConfig
 
-  @nn.compact
+  def setup(self):
+    c = self.config
+    # Tables split over `embed` only: gathers from vocab-split tables reshard through full copies.
+    embed = lambda name, n: self.param(name, _init(0.02, (None, "embed")), (n, c.width),
+                                       jnp.float32)
+    self.text_embedding = embed("text_embedding", c.num_text_tokens)
+    self.image_embedding = embed("image_embedding", c.image_vocab_size)
+    self.text_position = embed("text_position", c.text_len)
+    self.image_row = embed("image_row", c.image_size)
+    self.image_column = embed("image_column", c.image_size)
+    block = nn.remat(Block, static_argnums=(2,)) if c.remat else Block
+    self.blocks = [block(c, kind, name=f"block_{i}") for i, kind in enumerate(c.kinds())]
+    self.ln_final = LayerNorm(DTYPES[c.dtype])
+    self.dropout = nn.Dropout(c.dropout)
+    head = lambda n: Projection("bse,ev->bsv", (c.width, n), ("embed", "vocab"), ("vocab",),
+                                0.02, DTYPES[c.dtype])
+    self.text_head = head(c.num_text_tokens)
+    self.image_head = head(c.image_vocab_size)
+
+  def _embed_text(self, text: jax.Array) -> jax.Array:
+    if text.shape[1] != self.config.text_len:
+      raise ValueError(f"text has {text.shape[1]} positions, the config {self.config.text_len}")
+    return jnp.take(self.text_embedding, text, axis=0) + self.text_position
+
+  def _embed_image(self, codes: jax.Array, first: jax.Array | int = 0) -> jax.Array:
+    """codes int[B, L] at image positions first..first+L-1 -> [B, L, width]."""
+    c = self.config
+    index = first + jnp.arange(codes.shape[1])
+    position = self.image_row[index // c.image_size] + self.image_column[index % c.image_size]
+    return jnp.take(self.image_embedding, codes, axis=0) + position
+
+  def _run(self, x: jax.Array, deterministic: bool,
+           start: jax.Array | int | None = None) -> jax.Array:
+    x = _constrain(x.astype(DTYPES[self.config.dtype]), ("batch", "length", "act_embed"))
+    x = self.dropout(x, deterministic=deterministic)
+    for block in self.blocks:
+      x = block(x, deterministic, start) if start is not None else block(x, deterministic)
+    return self.ln_final(x)
+
   def __call__(self, text: jax.Array, codes: jax.Array,
                deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     c = self.config
-    dtype = DTYPES[c.dtype]
-    batch = text.shape[0]
-    codes = codes.reshape(batch, c.image_len)
-    if text.shape[1] != c.text_len:
-      raise ValueError(f"text has {text.shape[1]} positions, the config {c.text_len}")
-
-    # Tables split over `embed` only: gathers from vocab-split tables reshard through full copies.
-    embed = lambda name, n, names=(None, "embed"): self.param(
-        name, _init(0.02, names), (n, c.width), jnp.float32)
-    text_table = embed("text_embedding", c.num_text_tokens)
-    image_table = embed("image_embedding", c.image_vocab_size)
-    text_pos = embed("text_position", c.text_len, (None, "embed"))
-    rows = embed("image_row", c.image_size, (None, "embed"))
-    cols = embed("image_column", c.image_size, (None, "embed"))
-
-    text_x = jnp.take(text_table, text, axis=0) + text_pos
-    image_pos = (rows[:, None, :] + cols[None, :, :]).reshape(c.image_len, c.width)
-    image_x = jnp.take(image_table, codes, axis=0) + image_pos
-    x = jnp.concatenate([text_x, image_x], axis=1).astype(dtype)
-    x = _constrain(x, ("batch", "length", "act_embed"))
-    x = nn.Dropout(c.dropout, deterministic=deterministic)(x)
-
-    block = nn.remat(Block, static_argnums=(2,)) if c.remat else Block
-    for i, kind in enumerate(c.kinds()):
-      x = block(c, kind, name=f"block_{i}")(x, deterministic)
-    x = LayerNorm(dtype, name="ln_final")(x)
-
-    head = lambda name, n, inputs: Projection(
-        "bse,ev->bsv", (c.width, n), ("embed", "vocab"), ("vocab",), 0.02, dtype,
-        name=name)(inputs)
-    text_logits = head("text_head", c.num_text_tokens, x[:, :c.text_len - 1])
-    image_logits = head("image_head", c.image_vocab_size, x[:, c.text_len - 1:c.seq_len - 1])
+    codes = codes.reshape(codes.shape[0], c.image_len)
+    x = jnp.concatenate([self._embed_text(text), self._embed_image(codes)], axis=1)
+    x = self._run(x, deterministic)
+    text_logits = self.text_head(x[:, :c.text_len - 1])
+    image_logits = self.image_head(x[:, c.text_len - 1:c.seq_len - 1])
     return text_logits.astype(jnp.float32), image_logits.astype(jnp.float32)
+
+  def prefill(self, text: jax.Array) -> jax.Array:
+    """Caches the caption's keys and values; the logits of image code 0: float32[B, V]."""
+    x = self._run(self._embed_text(text), True, start=0)
+    return self.image_head(x[:, -1:])[:, 0].astype(jnp.float32)
+
+  def decode(self, codes: jax.Array, index: jax.Array | int) -> jax.Array:
+    """Feeds image code `index` (int[B]); the logits of code `index + 1`: float32[B, V]."""
+    x = self._embed_image(codes[:, None], index)
+    x = self._run(x, True, start=self.config.text_len + index)
+    return self.image_head(x)[:, 0].astype(jnp.float32)
 
 
 def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
