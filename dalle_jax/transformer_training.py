@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dalle_jax import sharding, train_state, transformer
+from dalle_jax import checkpointing, sharding, train_state, transformer
 from dalle_jax.transformer import TransformerConfig
 
 TrainState = train_state.TrainState
@@ -221,3 +223,36 @@ def make_eval_step(model: TransformerConfig, mesh, param_shardings: Any,
                  in_shardings=(param_shardings, batch_shardings(mesh)),
                  out_shardings=sharding.replicated(mesh))
   return _in_mesh_context(step, mesh, rules)
+
+
+def load_trained(workdir: str, step: int | None = None, ema: bool = True
+                 ) -> tuple[TransformerConfig, Any, dict]:
+  """The transformer of a `train_transformer.py` run on one device: its config, parameters (EMA
+  by default) and the run's whole config dict (which names the tokenizer and data).
+
+  Raises FileNotFoundError when `workdir` holds no config.json or no complete checkpoint, and
+  ValueError when the checkpoint does not match the config.
+  """
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{config_path} not found: is {workdir!r} a train_transformer.py "
+                            "workdir?")
+  with open(config_path) as f:
+    run_config = json.load(f)
+  model = TransformerConfig(**run_config["model"])
+  train = TransformerTrainConfig(**run_config["train"])
+  abstract = jax.eval_shape(lambda: init_state(model, train, jax.random.key(0)))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = checkpointing.abstract_like(abstract, jax.tree.map(lambda _: device, abstract))
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    restored = checkpointer.restore(target, step)
+  except (ValueError, KeyError, TypeError) as error:
+    raise ValueError(f"the checkpoint in {workdir} does not match its config.json "
+                     f"({model}): {error}") from error
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f"no complete checkpoint in {workdir}/checkpoints")
+  state = restored[0]
+  return model, state.ema_params if ema else state.params, run_config

@@ -10,7 +10,8 @@ def get_config():
                       dtype="float32", remat=False, dropout=0.0, attention="dense")
   config.train = dict(batch_size=8, num_steps=1_000, learning_rate=4.5e-4, warmup_steps=100,
                       final_learning_rate=4.5e-6, ema_decay=0.99)
-  config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", eval_batches=4)
+  config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", dvae_workdir="",
+                     eval_batches=4)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
   config.log_every = 25
   config.eval_every = 500

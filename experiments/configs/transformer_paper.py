@@ -13,7 +13,8 @@ def get_config():
   config.train = dict(batch_size=1024, num_steps=430_000, learning_rate=4.5e-4,
                       warmup_steps=5_000, decay="plateau", plateau_patience=5_000,
                       ema_decay=0.99, caption_dropout=0.0)
-  config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", eval_batches=16)
+  config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", dvae_workdir="",
+                     eval_batches=16)
   # 62 heads split only 2 or 31 ways: FSDP carries most of the split.
   config.mesh = dict(data=-1, fsdp=64, tensor=2)
   config.log_every = 100

@@ -10,7 +10,8 @@ def get_config():
                       dtype="float32", remat=False, dropout=0.0, attention="dense")
   config.train = dict(batch_size=32, num_steps=3_000, learning_rate=1e-3, warmup_steps=200,
                       final_learning_rate=1e-5, ema_decay=0.99, caption_dropout=0.1)
-  config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", eval_batches=8)
+  config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", dvae_workdir="",
+                     eval_batches=8)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
   config.log_every = 25
   config.eval_every = 500

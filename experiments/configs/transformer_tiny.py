@@ -10,8 +10,10 @@ def get_config():
                       remat=False, dropout=0.0, attention="dense")
   config.train = dict(batch_size=8, num_steps=8, learning_rate=1e-3, warmup_steps=2,
                       final_learning_rate=1e-4, ema_decay=0.9, caption_dropout=0.1)
-  # codes_dir: shards from experiments/encode_dataset.py; tokenizer_dir: train_tokenizer.py's.
-  config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", eval_batches=1)
+  # codes_dir: encode_dataset.py's shards; tokenizer_dir: train_tokenizer.py's; dvae_workdir:
+  # the train_dvae.py run that encoded them (to decode samples).
+  config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", dvae_workdir="",
+                     eval_batches=1)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
   config.log_every = 1
   config.eval_every = 4
