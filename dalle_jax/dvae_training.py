@@ -34,6 +34,7 @@ class DVAETrainConfig:
   learning_rate: float = 1e-4
   final_learning_rate: float = 1.25e-6
   lr_decay_steps: int = 1_200_000
+  lr_warmup_steps: int = 0  # not the paper's; short runs collapse onto one code without it
   beta: float = 6.6
   beta_warmup_steps: int = 5_000
   tau_start: float = 1.0
@@ -70,8 +71,11 @@ class DVAETrainConfig:
     return schedules.cosine_anneal(self.tau_start, self.tau_end, self.steps(self.tau_steps))
 
   def lr_schedule(self) -> optax.Schedule:
-    return schedules.cosine_anneal(self.learning_rate, self.final_learning_rate,
-                                   self.steps(self.lr_decay_steps))
+    decay = schedules.cosine_anneal(self.learning_rate, self.final_learning_rate,
+                                    self.steps(self.lr_decay_steps))
+    if self.lr_warmup_steps <= 0:
+      return decay
+    return schedules.warmup_then(self.learning_rate, self.lr_warmup_steps, decay)
 
 
 TrainState = train_state.TrainState
@@ -152,6 +156,9 @@ def load_trained(workdir: str, step: int | None = None, ema: bool = True
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     restored = checkpointer.restore(target, step)
+  except (ValueError, KeyError, TypeError) as error:
+    raise ValueError(f"the checkpoint in {workdir} does not match its config.json "
+                     f"({model}): {error}") from error
   finally:
     checkpointer.close()
   if restored is None:

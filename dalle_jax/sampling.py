@@ -1,7 +1,8 @@
 """From captions to image codes (and pixels): one jit-compiled function per batch shape.
 
-    sampler = make_sampler(model, params, dvae_config=d, dvae_params=dp)
-    images, codes = sampler(text, keys, settings)   # uint8[B, res, res, 3], int32[B, H, W]
+    sample = make_sampler(model_config, dvae_config, mesh=mesh)
+    images, codes = sample(params, dvae_params, text, keys, SampleSettings(top_k=64), prime)
+    # images uint8[B, res, res, 3], codes int32[B, H, W]; text int32[B, T], keys [B]
 
 The caption is run once (`Transformer.prefill`) into a key/value cache; then each image code is
 drawn and fed back (`Transformer.decode`) inside `lax.fori_loop`, every step attending through its
@@ -24,7 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dalle_jax import dvae, transformer
+from dalle_jax import dvae, sharding, transformer
 from dalle_jax.transformer import TransformerConfig
 
 
@@ -154,9 +155,10 @@ def sample_codes_uncached(config: TransformerConfig, params: Any, text: jax.Arra
 
 
 def make_sampler(config: TransformerConfig, dvae_config: dvae.DVAEConfig | None = None,
-                 mesh=None, guided: bool = False) -> Callable:
+                 mesh=None, guided: bool = False, param_shardings: Any = None) -> Callable:
   """`sample(params, dvae_params, text, keys, settings, prime_codes)` -> (uint8 images or None,
-  codes), compiled once per batch shape; with a `mesh`, the batch is split over its batch axes.
+  codes), compiled once per batch shape. With a `mesh` the batch is split over its batch axes
+  and the parameters stay where `param_shardings` puts them (default: replicated).
   """
   def sample(params, dvae_params, text, keys, settings, prime_codes):
     codes = sample_codes(config, params, text, keys, settings, prime_codes, guided)
@@ -166,7 +168,7 @@ def make_sampler(config: TransformerConfig, dvae_config: dvae.DVAEConfig | None 
 
   if mesh is None:
     return jax.jit(sample)
-  from dalle_jax import sharding
   split, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  return jax.jit(sample, in_shardings=(whole, whole, split, split, whole, split),
+  params = whole if param_shardings is None else param_shardings
+  return jax.jit(sample, in_shardings=(params, whole, split, split, whole, split),
                  out_shardings=(split, split))

@@ -15,12 +15,13 @@ import os
 
 from absl import app, flags, logging
 import jax
+import jax.experimental.multihost_utils
 import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import (checkpointing, launch, metrics_log, sharding, tensorboard,
-                       transformer_training)
+from dalle_jax import (checkpointing, dvae_training, image_grid, launch, metrics_log, sampling,
+                       sharding, tensorboard, transformer_training)
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import codes as codes_lib
 from dalle_jax.transformer import TransformerConfig
@@ -118,6 +119,39 @@ def main(argv):
             if jax.process_index() == 0 else None)
   to_global = lambda batch: sharding.host_batch_to_global(batch, sharding.batch_sharding(mesh))
 
+  # ---------------------------------------------------------------- sample grids
+  # Fixed captions and keys, so the grids of successive steps are comparable.
+  sample_grid = None
+  if config.get("sample_every", 0) and config.data.dvae_workdir:
+    dvae_config, dvae_params = dvae_training.load_trained(config.data.dvae_workdir)
+    if (dvae_config.vocab_size, dvae_config.code_resolution) != (model.image_vocab_size,
+                                                                 model.image_size):
+      raise ValueError(f"the dVAE in {config.data.dvae_workdir} makes {dvae_config.code_resolution}"
+                       f"^2 codes over {dvae_config.vocab_size}; the model expects "
+                       f"{model.image_size}^2 over {model.image_vocab_size}")
+    captions = list(config.get("sample_captions", ())) or [
+        str(c).split("\n")[0] for c in (eval_arrays if eval_batches else arrays)["captions"][:8]]
+    count = -(-len(captions) // batch_devices) * batch_devices  # a whole number per device
+    captions = (captions * count)[:count]
+    # Every host holds the same values: each places the rows its devices hold.
+    split = sharding.batch_sharding(mesh)
+    on_mesh = lambda x: jax.make_array_from_callback(x.shape, split, lambda i: x[i])
+    sample_text = on_mesh(np.stack([tokenizer.encode(c)[0] for c in captions]))
+    sample_keys = jax.random.wrap_key_data(on_mesh(np.asarray(jax.random.key_data(
+        jax.random.split(jax.random.key(train.seed), count)))))
+    no_prime = on_mesh(np.zeros((count, model.image_size, model.image_size), np.int32))
+    sampler = sampling.make_sampler(model, dvae_config, mesh=mesh,
+                                    param_shardings=shardings.params)
+
+    def sample_grid(params, step):
+      images, _ = sampler(params, dvae_params, sample_text, sample_keys,
+                          sampling.SampleSettings(), no_prime)
+      images = jax.experimental.multihost_utils.process_allgather(images, tiled=True)
+      if jax.process_index() == 0:
+        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+        image_grid.captioned_grid(np.asarray(images), captions, tile_size=96).save(
+            os.path.join(workdir, "samples", f"step_{step}.png"))
+
   def write(step, values):
     log.write(step, values)
     if events:
@@ -149,6 +183,8 @@ def main(argv):
     if eval_batches and due(config.eval_every):
       totals = [jax.device_get(eval_step(state.ema_params, to_global(b))) for b in eval_batches]
       write(step, {f"eval/{k}": float(np.mean([t[k] for t in totals])) for k in totals[0]})
+    if sample_grid and due(config.sample_every):
+      sample_grid(state.ema_params, step)
     checkpointer.save(step, state, {"data": batches.get_state()}, force=step == last)
     progress.update(1)
   progress.close()

@@ -52,15 +52,19 @@ class Skipped:
 
 
 class SkipCounts(collections.Counter):
-  """Counts of skipped records by reason, plus `usable`; printable as one line."""
+  """Counts of skipped records by reason, plus `usable` (and notes such as
+  `truncated_captions`, which count usable records); printable as one line."""
 
   @property
   def skipped(self) -> int:
-    return sum(v for k, v in self.items() if k != "usable")
+    return sum(self[k] for k in SKIP_REASONS)
 
   def summary(self) -> str:
-    reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.items()) if k != "usable" and v)
-    return f"usable={self['usable']} skipped={self.skipped}" + (f" ({reasons})" if reasons else "")
+    reasons = ", ".join(f"{k}={self[k]}" for k in sorted(SKIP_REASONS) if self[k])
+    notes = ", ".join(f"{k}={v}" for k, v in sorted(self.items())
+                      if k != "usable" and k not in SKIP_REASONS and v)
+    return (f"usable={self['usable']} skipped={self.skipped}" + (f" ({reasons})" if reasons else "")
+            + (f"; {notes}" if notes else ""))
 
 
 class NoUsableDataError(ValueError):

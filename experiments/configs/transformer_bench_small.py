@@ -15,6 +15,8 @@ def get_config():
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
   config.log_every = 25
   config.eval_every = 500
+  config.sample_every = 500  # needs data.dvae_workdir
+  config.sample_captions = ()  # default: the first 8 evaluation captions
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
   return config

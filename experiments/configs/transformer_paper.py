@@ -19,6 +19,8 @@ def get_config():
   config.mesh = dict(data=-1, fsdp=64, tensor=2)
   config.log_every = 100
   config.eval_every = 5_000
+  config.sample_every = 5_000  # needs data.dvae_workdir
+  config.sample_captions = ()  # default: the first 8 evaluation captions
   config.checkpoint_every = 1_000
   config.keep_checkpoints = 3
   return config

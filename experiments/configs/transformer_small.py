@@ -1,12 +1,13 @@
-"""The CPU demo's transformer: shapes (or emoji) captions over 16x16 codes, minutes on 2 cores."""
+"""The CPU demo's transformer: shapes captions (BPE over 400) and 8x8 codes over 256 from
+experiments/configs/dvae_shapes.py; minutes on 2 cores."""
 
 import ml_collections
 
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.model = dict(text_vocab_size=1024, text_len=32, image_vocab_size=512, image_size=16,
-                      width=256, depth=4, heads=4, head_dim=64, conv_kernel=11,
+  config.model = dict(text_vocab_size=400, text_len=24, image_vocab_size=256, image_size=8,
+                      width=256, depth=4, heads=4, head_dim=64, conv_kernel=5,
                       dtype="float32", remat=False, dropout=0.0, attention="dense")
   config.train = dict(batch_size=32, num_steps=3_000, learning_rate=1e-3, warmup_steps=200,
                       final_learning_rate=1e-5, ema_decay=0.99, caption_dropout=0.1)
@@ -15,6 +16,8 @@ def get_config():
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
   config.log_every = 25
   config.eval_every = 500
+  config.sample_every = 500  # needs data.dvae_workdir
+  config.sample_captions = ()  # default: the first 8 evaluation captions
   config.checkpoint_every = 250
   config.keep_checkpoints = 3
   return config

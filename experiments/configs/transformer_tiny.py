@@ -17,6 +17,8 @@ def get_config():
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
   config.log_every = 1
   config.eval_every = 4
+  config.sample_every = 4  # needs data.dvae_workdir
+  config.sample_captions = ()  # default: the first 8 evaluation captions
   config.checkpoint_every = 2
   config.keep_checkpoints = 2
   return config

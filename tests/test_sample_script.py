@@ -1,0 +1,154 @@
+"""experiments/sample.py end to end on a 2-step transformer and 2-step dVAEs: the files it
+writes, the same images whatever the batch size, truncation warnings, priming, refusing a dVAE
+that does not fit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CACHE_ENV, make_stage2_data
+from dalle_jax import dvae, dvae_training, image_grid
+from dalle_jax.data import preprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "experiments", "sample.py")
+CONFIGS = os.path.join(ROOT, "experiments", "configs")
+LONG_PROMPT = "a small red circle above a large blue square " * 3
+PROMPTS = ("a red circle", LONG_PROMPT)
+ENV = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu"}
+
+
+def _start(script: str, *flags: str) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, "experiments", script), *flags],
+                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
+  out, err = process.communicate(timeout=300)
+  return process.returncode, out, err
+
+
+def _ok(process: subprocess.Popen) -> tuple[str, str]:
+  code, out, err = _finish(process)
+  assert code == 0, err[-3000:]
+  return out, err
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """A 2-step transformer (its config naming the dVAE), a matching 2-step dVAE and one with a
+  16-code vocabulary, trained side by side."""
+  root = tmp_path_factory.mktemp("sample")
+  tokenizer_dir, codes_dir = make_stage2_data(str(root))
+  paths = {name: str(root / name) for name in ("transformer", "dvae", "dvae16")}
+  dvae_flags = (f"--config={CONFIGS}/dvae_tiny.py", "--config.train.num_steps=2",
+                "--config.data.eval_split=")
+  processes = [
+      _start("train_transformer.py", f"--config={CONFIGS}/transformer_tiny.py",
+             f"--workdir={paths['transformer']}", "--config.train.num_steps=2",
+             f"--config.data.codes_dir={codes_dir}",
+             f"--config.data.tokenizer_dir={tokenizer_dir}"),
+      _start("train_dvae.py", *dvae_flags, f"--workdir={paths['dvae']}"),
+      _start("train_dvae.py", *dvae_flags, f"--workdir={paths['dvae16']}",
+             "--config.model.vocab_size=16"),
+  ]
+  for process in processes:
+    _ok(process)
+  # Name the dVAE in the run's config only now: training would load it to draw sample grids.
+  config_path = os.path.join(paths["transformer"], "config.json")
+  with open(config_path) as f:
+    config = json.load(f)
+  config["data"]["dvae_workdir"] = paths["dvae"]
+  with open(config_path, "w") as f:
+    json.dump(config, f)
+  return paths
+
+
+def _sample(runs, out, *extra):
+  return _start("sample.py", f"--checkpoint={runs['transformer']}",
+                *(f"--prompt={p}" for p in PROMPTS), "--num_samples=3", "--seed=7",
+                f"--out={out}", *extra)
+
+
+@pytest.fixture(scope="module")
+def sampled(runs, tmp_path_factory):
+  """Four sample.py runs at once: batch 4, batch 2 (the dVAE from the run config), primed, and
+  with the wrong dVAE."""
+  root = tmp_path_factory.mktemp("out")
+  prime = root / "prime.png"
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 20, 3), np.uint8)).save(prime)
+  processes = {
+      "batch4": _sample(runs, root / "batch4", "--batch_size=4", f"--dvae_workdir={runs['dvae']}"),
+      "batch2": _sample(runs, root / "batch2", "--batch_size=2"),
+      "primed": _sample(runs, root / "primed", "--batch_size=4", f"--prime_image={prime}",
+                        "--prime_rows=2"),
+      "wrong_dvae": _sample(runs, root / "wrong", f"--dvae_workdir={runs['dvae16']}"),
+  }
+  results = {name: _finish(p) for name, p in processes.items()}
+  return root, prime, results
+
+
+def test_writes_the_grid_the_single_images_and_the_manifest(sampled):
+  root, _, results = sampled
+  code, out, err = results["batch4"]
+  assert code == 0, err[-3000:]
+  assert "image tokens/s" in out and "compiled" in out
+  out_dir = root / "batch4"
+  with open(out_dir / "samples.json") as f:
+    manifest = json.load(f)
+  assert [p["prompt"] for p in manifest["prompts"]] == list(PROMPTS)
+  assert [p["truncated"] for p in manifest["prompts"]] == [False, True]
+  assert manifest["seed"] == 7 and manifest["batch_size"] == 4 and manifest["num_samples"] == 3
+  assert set(manifest["settings"]) >= {"temperature", "top_k", "top_p", "guidance", "prime_rows"}
+  files = [s["file"] for p in manifest["prompts"] for s in p["samples"]]
+  assert files == [f"prompt{i}_sample{j}.png" for i in range(2) for j in range(3)]
+  assert [s["sample_index"] for p in manifest["prompts"] for s in p["samples"]] == list(range(6))
+  for name in files:
+    assert Image.open(out_dir / name).size == (16, 16)
+  expected = image_grid.captioned_grid(np.zeros((6, 16, 16, 3), np.uint8), ["x"] * 6, columns=3)
+  assert Image.open(out_dir / "grid.png").size == expected.size
+  assert np.load(out_dir / "codes.npz")["codes"].shape == (2, 3, 4, 4)
+
+
+def test_a_long_prompt_is_truncated_with_a_warning(sampled):
+  _, _, results = sampled
+  _, _, err = results["batch4"]
+  assert "truncated" in err and repr(LONG_PROMPT) in err
+  assert repr(PROMPTS[0]) not in err
+
+
+def test_the_same_seed_gives_the_same_images_whatever_the_batch_size(sampled):
+  root, _, results = sampled
+  code, _, err = results["batch2"]
+  assert code == 0, err[-3000:]
+  for i in range(2):
+    for j in range(3):
+      name = f"prompt{i}_sample{j}.png"
+      assert (root / "batch2" / name).read_bytes() == (root / "batch4" / name).read_bytes(), name
+  codes = np.load(root / "batch4" / "codes.npz")["codes"]
+  assert len({c.tobytes() for c in codes.reshape(6, -1)}) > 1  # different keys, different draws
+
+
+def test_priming_keeps_the_image_s_first_rows_of_codes(runs, sampled):
+  root, prime, results = sampled
+  code, _, err = results["primed"]
+  assert code == 0, err[-3000:]
+  config, params = dvae_training.load_trained(runs["dvae"])
+  pixels = preprocess.preprocess(Image.open(prime), config.resolution, "center")
+  expected = np.asarray(dvae.encode(config, params, pixels[None]))[0]
+  codes = np.load(root / "primed" / "codes.npz")["codes"]
+  np.testing.assert_array_equal(codes[:, :, :2], np.broadcast_to(expected[:2], (2, 3, 2, 4)))
+  with open(root / "primed" / "samples.json") as f:
+    assert json.load(f)["settings"]["prime_rows"] == 2
+
+
+def test_a_dvae_that_does_not_fit_the_transformer_is_refused(sampled):
+  _, _, results = sampled
+  code, _, err = results["wrong_dvae"]
+  assert code != 0
+  assert "vocab_size 16" in err and "--dvae_workdir" in err
