@@ -8,6 +8,7 @@ at any moment resumes from the last complete checkpoint and never sees a partial
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -64,3 +65,33 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `tree` with the given shardings, the target of `Checkpointer.restore`."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+def restore_run(workdir: str, abstract_state: Any, step: int | None = None) -> Any:
+  """The train state of a finished or running launch (`workdir/checkpoints`) on one device.
+
+  `abstract_state`: ShapeDtypeStructs of the state its config.json describes. Raises
+  FileNotFoundError without a complete checkpoint, ValueError when it does not match the config.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = abstract_like(abstract_state, jax.tree.map(lambda _: device, abstract_state))
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    restored = checkpointer.restore(target, step)
+  except (ValueError, KeyError, TypeError) as error:
+    raise ValueError(f"the checkpoint in {workdir} does not match its config.json: {error}; "
+                     "pass the workdir of the run that wrote it") from error
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f"no complete checkpoint in {workdir}/checkpoints")
+  return restored[0]
+
+
+def read_run_config(workdir: str, script: str) -> dict[str, Any]:
+  """The config.json a launch script wrote into its workdir."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a {script} workdir?")
+  with open(path) as f:
+    return json.load(f)

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from dalle_jax import checkpointing, dvae, dvae_objective, schedules, sharding, train_state
@@ -143,25 +140,9 @@ def load_trained(workdir: str, step: int | None = None, ema: bool = True
 
   Raises FileNotFoundError when `workdir` holds no config.json or no complete checkpoint.
   """
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found: is {workdir!r} a train_dvae.py workdir?")
-  with open(config_path) as f:
-    config = json.load(f)
+  config = checkpointing.read_run_config(workdir, "train_dvae.py")
   model = dvae.DVAEConfig(**config["model"])
   train = DVAETrainConfig(**config["train"])
   abstract = jax.eval_shape(lambda: init_state(model, train, jax.random.key(0)))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = checkpointing.abstract_like(abstract, jax.tree.map(lambda _: device, abstract))
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    restored = checkpointer.restore(target, step)
-  except (ValueError, KeyError, TypeError) as error:
-    raise ValueError(f"the checkpoint in {workdir} does not match its config.json "
-                     f"({model}): {error}") from error
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise FileNotFoundError(f"no complete checkpoint in {workdir}/checkpoints")
-  state = restored[0]
+  state = checkpointing.restore_run(workdir, abstract, step)
   return model, state.ema_params if ema else state.params

@@ -18,7 +18,6 @@ dropout trained) as one batch with one cache each, mixes the logits as
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax.struct

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -233,26 +231,9 @@ def load_trained(workdir: str, step: int | None = None, ema: bool = True
   Raises FileNotFoundError when `workdir` holds no config.json or no complete checkpoint, and
   ValueError when the checkpoint does not match the config.
   """
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found: is {workdir!r} a train_transformer.py "
-                            "workdir?")
-  with open(config_path) as f:
-    run_config = json.load(f)
+  run_config = checkpointing.read_run_config(workdir, "train_transformer.py")
   model = TransformerConfig(**run_config["model"])
   train = TransformerTrainConfig(**run_config["train"])
   abstract = jax.eval_shape(lambda: init_state(model, train, jax.random.key(0)))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = checkpointing.abstract_like(abstract, jax.tree.map(lambda _: device, abstract))
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    restored = checkpointer.restore(target, step)
-  except (ValueError, KeyError, TypeError) as error:
-    raise ValueError(f"the checkpoint in {workdir} does not match its config.json "
-                     f"({model}): {error}") from error
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise FileNotFoundError(f"no complete checkpoint in {workdir}/checkpoints")
-  state = restored[0]
+  state = checkpointing.restore_run(workdir, abstract, step)
   return model, state.ema_params if ema else state.params, run_config

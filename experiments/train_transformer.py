@@ -56,6 +56,39 @@ def check_data(model: TransformerConfig, tokenizer, arrays: dict[str, np.ndarray
                      f"image_vocab_size {model.image_vocab_size}: set it to the dVAE's vocabulary")
 
 
+def make_sample_grid(dvae_workdir: str, model: TransformerConfig, mesh, param_shardings,
+                     tokenizer, captions: list[str], seed: int, workdir: str):
+  """`grid(params, step)` draws one image per caption (fixed keys, so successive steps compare)
+  and writes workdir/samples/step_N.png."""
+  dvae_config, dvae_params = dvae_training.load_trained(dvae_workdir)
+  if (dvae_config.vocab_size, dvae_config.code_resolution) != (model.image_vocab_size,
+                                                               model.image_size):
+    raise ValueError(f"the dVAE in {dvae_workdir} makes {dvae_config.code_resolution}^2 codes "
+                     f"over {dvae_config.vocab_size}; the model expects {model.image_size}^2 "
+                     f"over {model.image_vocab_size}")
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  count = -(-len(captions) // batch_devices) * batch_devices  # a whole number per device
+  captions = (captions * count)[:count]
+  # Every host holds the same values: each places the rows its devices hold.
+  split = sharding.batch_sharding(mesh)
+  on_mesh = lambda x: jax.make_array_from_callback(x.shape, split, lambda i: x[i])
+  text = on_mesh(np.stack([tokenizer.encode(c)[0] for c in captions]))
+  keys = jax.random.wrap_key_data(on_mesh(np.asarray(jax.random.key_data(
+      jax.random.split(jax.random.key(seed), count)))))
+  no_prime = on_mesh(np.zeros((count, model.image_size, model.image_size), np.int32))
+  sampler = sampling.make_sampler(model, dvae_config, mesh=mesh, param_shardings=param_shardings)
+
+  def grid(params, step):
+    images, _ = sampler(params, dvae_params, text, keys, sampling.SampleSettings(), no_prime)
+    images = jax.experimental.multihost_utils.process_allgather(images, tiled=True)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+      image_grid.captioned_grid(np.asarray(images), captions, tile_size=96).save(
+          os.path.join(workdir, "samples", f"step_{step}.png"))
+
+  return grid
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
@@ -119,38 +152,12 @@ def main(argv):
             if jax.process_index() == 0 else None)
   to_global = lambda batch: sharding.host_batch_to_global(batch, sharding.batch_sharding(mesh))
 
-  # ---------------------------------------------------------------- sample grids
-  # Fixed captions and keys, so the grids of successive steps are comparable.
   sample_grid = None
   if config.get("sample_every", 0) and config.data.dvae_workdir:
-    dvae_config, dvae_params = dvae_training.load_trained(config.data.dvae_workdir)
-    if (dvae_config.vocab_size, dvae_config.code_resolution) != (model.image_vocab_size,
-                                                                 model.image_size):
-      raise ValueError(f"the dVAE in {config.data.dvae_workdir} makes {dvae_config.code_resolution}"
-                       f"^2 codes over {dvae_config.vocab_size}; the model expects "
-                       f"{model.image_size}^2 over {model.image_vocab_size}")
     captions = list(config.get("sample_captions", ())) or [
         str(c).split("\n")[0] for c in (eval_arrays if eval_batches else arrays)["captions"][:8]]
-    count = -(-len(captions) // batch_devices) * batch_devices  # a whole number per device
-    captions = (captions * count)[:count]
-    # Every host holds the same values: each places the rows its devices hold.
-    split = sharding.batch_sharding(mesh)
-    on_mesh = lambda x: jax.make_array_from_callback(x.shape, split, lambda i: x[i])
-    sample_text = on_mesh(np.stack([tokenizer.encode(c)[0] for c in captions]))
-    sample_keys = jax.random.wrap_key_data(on_mesh(np.asarray(jax.random.key_data(
-        jax.random.split(jax.random.key(train.seed), count)))))
-    no_prime = on_mesh(np.zeros((count, model.image_size, model.image_size), np.int32))
-    sampler = sampling.make_sampler(model, dvae_config, mesh=mesh,
-                                    param_shardings=shardings.params)
-
-    def sample_grid(params, step):
-      images, _ = sampler(params, dvae_params, sample_text, sample_keys,
-                          sampling.SampleSettings(), no_prime)
-      images = jax.experimental.multihost_utils.process_allgather(images, tiled=True)
-      if jax.process_index() == 0:
-        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-        image_grid.captioned_grid(np.asarray(images), captions, tile_size=96).save(
-            os.path.join(workdir, "samples", f"step_{step}.png"))
+    sample_grid = make_sample_grid(config.data.dvae_workdir, model, mesh, shardings.params,
+                                   tokenizer, captions, train.seed, workdir)
 
   def write(step, values):
     log.write(step, values)

@@ -1,6 +1,5 @@
 """Tests for dalle_jax/sampling.py: the cached sampler draws exactly what full forward passes draw."""
 
-import dataclasses
 
 import flax.linen as nn
 import jax
