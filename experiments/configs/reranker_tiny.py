@@ -1,0 +1,25 @@
+"""The smallest reranker that exercises every code path: for tests and smoke runs (16x16 shapes).
+
+The tokenizer (--config.data.tokenizer_dir) must have 400 pieces and text_len 16.
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.model = dict(resolution=16, patch_size=4, image_width=32, image_depth=2, image_heads=2,
+                      text_vocab_size=400, text_len=16, text_width=32, text_depth=2, text_heads=2,
+                      embed_dim=32)
+  config.train = dict(batch_size=16, num_steps=8, learning_rate=2e-3, warmup_steps=2,
+                      final_learning_rate=1e-4, ema_decay=0.9)
+  # tokenizer_dir: train_tokenizer.py's output; bpe_dropout: the tokenizer's, on training captions.
+  config.data = dict(dataset="shapes", path="", split="train", crop="center", num_examples=256,
+                     num_workers=0, tokenizer_dir="", bpe_dropout=True, eval_split="heldout",
+                     eval_batches=2)
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.log_every = 1
+  config.eval_every = 4
+  config.checkpoint_every = 2
+  config.keep_checkpoints = 2
+  return config

@@ -1,0 +1,146 @@
+"""Train the contrastive reranker (CLIP-style) that picks the best of N samples per caption.
+
+  python experiments/train_reranker.py --config=experiments/configs/reranker_small.py \
+      --workdir=runs/reranker --config.data.tokenizer_dir=runs/tokenizer
+
+It trains on the images and captions the dVAE sees (--config.data.dataset and friends). A killed
+run started again with the same --workdir resumes from its last complete checkpoint. The workdir
+holds checkpoints/, metrics.jsonl (eval/top1: caption -> image retrieval within a held-out batch),
+tokenizer/ (a copy of the tokenizer, so the run is self-contained) and config.json;
+`dalle_jax.rerank.load_trained(workdir)` reads it back.
+"""
+
+import os
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+import tqdm
+
+from dalle_jax import checkpointing, launch, metrics_log, rerank, sharding
+from dalle_jax import data as data_lib
+from dalle_jax import tokenizer as tokenizer_lib
+from dalle_jax.data import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs", "reranker_small.py"),
+    "Experiment config (a .py file with get_config()); override fields with --config.a.b=v.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, or auto.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  config = _CONFIG.value
+  # -------------------------------------------------------------- config, refused before compiling
+  model = rerank.RerankerConfig(**config.model)
+  train = rerank.RerankerTrainConfig(**config.train)
+  if not config.data.tokenizer_dir:
+    raise ValueError("set --config.data.tokenizer_dir (train_tokenizer.py's output)")
+  tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer_dir)
+  rerank.check_tokenizer(model, tokenizer)
+  launch.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  workdir = _WORKDIR.value
+  launch.prepare_workdir(workdir, config.to_dict())
+  if jax.process_index() == 0:
+    tokenizer.save(os.path.join(workdir, rerank.TOKENIZER_DIR))
+
+  # ---------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh(**config.mesh)
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  if train.batch_size % batch_devices or train.batch_size % jax.process_count():
+    raise ValueError(f"batch_size {train.batch_size} must divide over {batch_devices} batch "
+                     f"devices and {jax.process_count()} hosts")
+  host_batch = train.batch_size // jax.process_count()
+
+  # ---------------------------------------------------------------- input
+  def loader_for(split, **overrides):
+    source = data_lib.make_source(config.data.dataset, resolution=model.resolution,
+                                  path=config.data.path or None, split=split,
+                                  num_examples=config.data.num_examples or 10_000,
+                                  seed=train.seed)
+    settings = dict(resolution=model.resolution, batch_size=host_batch, crop=config.data.crop,
+                    seed=train.seed, num_workers=config.data.num_workers,
+                    bpe_dropout=config.data.bpe_dropout)
+    return pipeline.Loader(source, pipeline.LoaderConfig(**{**settings, **overrides}),
+                           tokenizer=tokenizer)
+
+  loader = loader_for(config.data.split)
+  eval_batches = []
+  if config.data.eval_split:
+    eval_loader = loader_for(config.data.eval_split, crop="center", num_epochs=1, shuffle=False,
+                             bpe_dropout=False)
+    eval_batches = [b for b, _ in zip(eval_loader, range(config.data.eval_batches))]
+
+  # ---------------------------------------------------------------- model, optimiser, sharding
+  shardings = rerank.state_shardings(model, train, mesh)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            keep=config.keep_checkpoints,
+                                            every=config.checkpoint_every)
+  abstract = checkpointing.abstract_like(
+      jax.eval_shape(lambda: rerank.init_state(model, train, jax.random.key(0))), shardings)
+  restored = checkpointer.restore(abstract)
+  if restored is None:
+    state = rerank.create_sharded_state(model, train, mesh, shardings)
+    tqdm.tqdm.write("starting from scratch")
+  else:
+    state, extras = restored
+    loader.set_state(extras["loader"])
+    tqdm.tqdm.write(f"resumed from step {int(state.step)}")
+  start = int(state.step)
+  train_step = rerank.make_train_step(model, train, mesh, shardings)
+  log = metrics_log.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
+                               resume_step=start if restored else None,
+                               enabled=jax.process_index() == 0)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  # ---------------------------------------------------------------- loop
+  nonfinite_seen = int(state.nonfinite_steps)
+  progress = tqdm.tqdm(total=train.num_steps, initial=start, unit="step",
+                       disable=jax.process_index() != 0)
+  for step in range(start + 1, train.num_steps + 1):
+    host = next(loader)
+    batch = sharding.host_batch_to_global({"image": host["image"], "tokens": host["tokens"]},
+                                          batch_sharding)
+    state, metrics = train_step(state, batch["image"], batch["tokens"])
+
+    due = lambda every: every > 0 and (step % every == 0 or step == train.num_steps)
+    if due(config.log_every) or due(config.checkpoint_every):
+      nonfinite = int(state.nonfinite_steps)
+      if nonfinite > nonfinite_seen and train.on_nonfinite == "stop":
+        raise FloatingPointError(
+            f"non-finite loss or gradient at or before step {step}; stopping with the last good "
+            f"checkpoint (step {checkpointer.latest_step()}) kept. Lower the learning rate, or set "
+            "--config.train.on_nonfinite=skip to skip such steps and count them.")
+      nonfinite_seen = nonfinite
+    if due(config.log_every):
+      values = jax.device_get(metrics)
+      log.write(step, {**values, "nonfinite_steps": nonfinite_seen,
+                       **{f"data/{k}": v for k, v in loader.counts.items()}})
+      progress.set_postfix(loss=f"{values['loss']:.3f}", top1=f"{values['top1']:.2f}")
+    if eval_batches and due(config.eval_every):
+      params = jax.device_get(state.ema_params)
+      results = [jax.device_get(rerank.evaluate(params, model, jnp.asarray(b["image"]),
+                                                jnp.asarray(b["tokens"])))
+                 for b in eval_batches]
+      values = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+      log.write(step, {f"eval/{k}": v for k, v in values.items()})
+      tqdm.tqdm.write(f"step {step}: eval top1 {values['top1']:.3f} (chance "
+                      f"{1 / host_batch:.3f}), margin {values['margin']:.3f}")
+    checkpointer.save(step, state, {"loader": loader.get_state()},
+                      force=step == train.num_steps)
+    progress.update(1)
+  progress.close()
+  checkpointer.wait()
+  checkpointer.close()
+  loader.close()
+  print(f"done at step {train.num_steps}; data: {loader.counts.summary()}")
+
+
+if __name__ == "__main__":
+  app.run(main)
