@@ -1,0 +1,92 @@
+"""Sampling speed: image tokens/s of the cached sampler at `bench_small`, compile time apart.
+
+  python experiments/bench_sample.py                       # batch 8, the bench_small geometry
+  python experiments/bench_sample.py --batch=8 --repeats=5 --uncached   # also the no-cache path
+
+What is timed: `sampling.sample_codes` (caption prefill, then 256 image codes drawn one at a time
+with the key/value cache), compiled ahead of time, random parameters; each call draws batch x
+image_len codes. `--uncached` also times the reference path that runs the whole sequence for every
+code (what a sampler without a working cache pays). Medians of `--repeats` calls; the foreign CPU
+load during them is reported (see bench_util).
+"""
+
+import json
+import os
+import statistics
+import time
+
+from absl import app, flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+import bench_util
+from dalle_jax import sampling, transformer
+from dalle_jax.sampling import SampleSettings
+from dalle_jax.transformer import TransformerConfig
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs", "transformer_bench_small.py"),
+    "Transformer config whose geometry is measured.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Samples per call.", lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (median).", lower_bound=1)
+_UNCACHED = flags.DEFINE_bool("uncached", False, "Also time the full-forward-per-code path.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k filter (0: none; the filters cost a sort).")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
+
+
+def timed(fn, args, repeats: int) -> dict[str, float]:
+  """Compile time, then the median wall time of `repeats` calls and the foreign load meanwhile."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(*args))  # warm-up
+  times, before, wall0 = [], bench_util.cpu_seconds(), time.perf_counter()
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  load = bench_util.foreign_load(before, time.perf_counter() - wall0)
+  return {"compile_s": compile_s, "median_s": statistics.median(times), "times_s": times,
+          "foreign_load_cores": load}
+
+
+def main(argv):
+  del argv
+  model = TransformerConfig(**_CONFIG.value.model)
+  params = nn.unbox(transformer.init(model, jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  text = jnp.asarray(rng.integers(0, model.text_vocab_size, (_BATCH.value, model.text_len)),
+                     jnp.int32)
+  keys = jax.random.split(jax.random.key(1), _BATCH.value)
+  settings = SampleSettings(temperature=1.0, top_k=_TOP_K.value)
+  tokens = _BATCH.value * model.image_len
+  results = {"machine": {"cpu": bench_util.cpu_model(), "cores": os.cpu_count(),
+                         "memory_gib": bench_util.memory_gib(), "jax": jax.__version__},
+             "batch": _BATCH.value,
+             "config": {k: getattr(model, k) for k in
+                        ("text_len", "text_vocab_size", "image_size", "image_vocab_size",
+                         "width", "depth", "heads", "head_dim")}}
+  paths = {"cached": sampling.sample_codes}
+  if _UNCACHED.value:
+    paths["uncached"] = sampling.sample_codes_uncached
+  for name, fn in paths.items():
+    run = timed(lambda p, t, k, s, fn=fn: fn(model, p, t, k, s), (params, text, keys, settings),
+                _REPEATS.value)
+    run["image_tokens_per_s"] = tokens / run["median_s"]
+    results[name] = run
+    print(f"{name}: {run['image_tokens_per_s']:.0f} image tokens/s ({tokens} tokens in "
+          f"{run['median_s']:.3f} s, median of {_REPEATS.value}); compile {run['compile_s']:.1f} s;"
+          f" other processes used {run['foreign_load_cores']:.2f} cores")
+  if _UNCACHED.value:
+    print(f"the cache is {results['uncached']['median_s'] / results['cached']['median_s']:.1f}x "
+          "faster than a full forward pass per code")
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
