@@ -22,11 +22,53 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: np.ndarray) 
   Scores and softmax in float32 whatever the input dtype; every query must see at least one key
   (all the paper's masks let a position see itself).
   """
-  scale = q.shape[-1] ** -0.5
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(jnp.asarray(mask), scores, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  # The 1/sqrt(D) scale on q, not on the [S, S] scores (exact when D is a power of 4, e.g. 64).
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  # Heads-major [B, H, S, D] first, batch dimensions leading as XLA:CPU's batched matmuls
+  # (YNNPACK) want them: left to XLA, the `bqhd,bkhd` forms got slower layouts (BENCHMARKS.md).
+  q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))
+  return _masked_softmax_attention(q, k, v, jnp.asarray(mask)).swapaxes(1, 2)
+
+
+@jax.custom_vjp
+def _masked_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                              mask: jax.Array) -> jax.Array:
+  """softmax(q k^T, masked) v: [B, H, S, D] x3 (q scaled), bool[S, S] -> [B, H, S, D].
+
+  A custom VJP so that each [B, H, S, S] array is read and written as few times as possible:
+  normalisation after the product, and the backward below.
+  """
+  return _attention_fwd(q, k, v, mask)[0]
+
+
+def _attention_fwd(q, k, v, mask):
+  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  # Masked scores get -inf, so their exp is exactly 0: a masked key has no influence at all.
+  scores = jnp.where(mask, scores, -jnp.inf)
+  e = jnp.exp(scores - scores.max(-1, keepdims=True))  # unnormalised weights, [B, H, S, S]
+  total = e.sum(-1, keepdims=True)
+  # Normalising after the product divides [B, H, S, D] instead of [B, H, S, S].
+  out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = (out / total).astype(v.dtype)
+  return out, (q, k, v, e, total, out)
+
+
+def _attention_bwd(residuals, d_out):
+  """The softmax's backward as in FlashAttention: with P = e / total and O = P V,
+  dS = P * (dO V^T - rowsum(dO * O)). The row sums run over D, not over the S keys, and 1/total
+  scales [B, H, S, D] arrays only; masked entries of dS are 0 because e is."""
+  q, k, v, e, total, out = residuals
+  d_out = d_out.astype(jnp.float32) / total
+  delta = jnp.sum(d_out * out.astype(jnp.float32), -1, keepdims=True)
+  dv = jnp.einsum("bhqk,bhqd->bhkd", e, d_out)
+  d_scores = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+  d_scores = e * (d_scores - delta)
+  dq = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("bhqk,bhqd->bhkd", d_scores, q, preferred_element_type=jnp.float32)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None  # the mask is fixed
+
+
+_masked_softmax_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: np.ndarray,

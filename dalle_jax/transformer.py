@@ -110,6 +110,25 @@ def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   return nn.with_logical_constraint(x, names)
 
 
+@jax.custom_vjp
+def _stored_gradient(x: jax.Array) -> jax.Array:
+  """Identity whose gradient XLA computes once and stores: otherwise XLA:CPU fuses the residual
+  stream's gradient (a sum over every later layer norm's backward) into each fusion that reads
+  it, recomputing it from the top of the network in each: quadratic in depth (a quarter of the
+  bench_small step)."""
+  return x
+
+
+def _stored_gradient_bwd(_, g: jax.Array) -> tuple[jax.Array]:
+  # A conditional on data is a fusion barrier that XLA keeps (jax.lax.optimization_barrier does
+  # not stop this fusion on CPU); with two identical branches it costs nothing else.
+  first = g.reshape(-1)[0]
+  return (jax.lax.cond(first == first, lambda g: g, lambda g: g * 1.0, g),)
+
+
+_stored_gradient.defvjp(lambda x: (x, None), _stored_gradient_bwd)
+
+
 class LayerNorm(nn.Module):
   """Layer norm computed in float32 with logically named scale and bias."""
   dtype: Any = jnp.float32
@@ -221,8 +240,10 @@ class Block(nn.Module):
     c = self.config
     dtype = DTYPES[c.dtype]
     drop = nn.Dropout(c.dropout, deterministic=deterministic)
+    x = _stored_gradient(x)
     x = x + drop(Attention(c, self.kind, name="attention")(LayerNorm(dtype, name="ln_1")(x),
                                                            start))
+    x = _stored_gradient(x)
     x = x + drop(MLP(c, name="mlp")(LayerNorm(dtype, name="ln_2")(x)))
     return _constrain(x, ("batch", "length", "act_embed"))
 

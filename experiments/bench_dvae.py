@@ -16,9 +16,7 @@ the numbers. No XLA flag is set. Results: BENCHMARKS.md.
 import datetime
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -28,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax import convert, dvae
+import bench_util  # experiments/bench_util.py: this script's folder is on sys.path
 
 if TYPE_CHECKING:  # torch and dall_e are imported only when --torch: JAX alone needs neither.
   import torch
@@ -43,8 +42,6 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Optional path for the results
 _HUGEPAGES = flags.DEFINE_bool(
     "hugepages", False, "Restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1: malloc asks for "
     "transparent huge pages, so both sides page-fault their big buffers in far less often.")
-
-_HUGETLB = "glibc.malloc.hugetlb=1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,36 +63,6 @@ def _time(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
       fn()
       seconds[name].append(time.perf_counter() - start)
   return seconds
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
-def _cpu_seconds() -> tuple[float, float]:
-  """(CPU seconds all processes have used, CPU seconds this process has used) so far."""
-  with open("/proc/stat") as f:
-    jiffies = [int(v) for v in f.readline().split()[1:]]
-  busy = sum(jiffies) - jiffies[3] - jiffies[4]  # everything but idle and iowait
-  own = os.times()
-  return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
-def _foreign_load(since: tuple[float, float], wall: float) -> float:
-  """Cores' worth of CPU that other processes used since `since` (0 on a quiet machine)."""
-  busy, own = _cpu_seconds()
-  return max(busy - since[0] - (own - since[1]), 0.0) / wall
-
-
-def _memory_gib() -> float:
-  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,22 +122,6 @@ def _check_agreement(config: dvae.DVAEConfig, params: dict, images: np.ndarray,
   return t_codes
 
 
-def _restart_with_hugepages() -> None:
-  """Re-runs this process with malloc's huge-page tunable, which glibc reads only at start-up."""
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if _HUGETLB not in tunables.split(":"):
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, _HUGETLB])))
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
-
-
-def _read(path: str) -> str:
-  try:
-    with open(path) as f:
-      return f.read().strip()
-  except OSError:
-    return "unknown"
-
-
 def _report(results: dict) -> None:
   """Images/s (median call), ratios, and how quiet the machine was; into `results` and printed."""
   batch, side, repeats = results["batch"], results["resolution"], results["repeats"]
@@ -201,24 +152,27 @@ def _report(results: dict) -> None:
 def main(argv):
   del argv
   if _HUGEPAGES.value:
-    _restart_with_hugepages()
+    bench_util.restart_with_hugepages()
   batch, side, repeats, warmup = _BATCH.value, _RESOLUTION.value, _REPEATS.value, _WARMUP.value
   config = dvae.DVAEConfig(resolution=side)
   cores = len(os.sched_getaffinity(0))
   rng = np.random.default_rng(_SEED.value)
   images = rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8)
   results = {"batch": batch, "resolution": side, "repeats": repeats, "warmup": warmup,
-             "cores": cores, "cpu": _cpu_model(), "memory_gib": round(_memory_gib(), 1),
+             "cores": cores, "cpu": bench_util.cpu_model(),
+             "memory_gib": round(bench_util.memory_gib(), 1),
              "jax": jax.__version__, "backend": jax.default_backend(),
              "xla_flags": os.environ.get("XLA_FLAGS", ""),
              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-             "transparent_hugepage": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
+             "transparent_hugepage":
+                 bench_util.read("/sys/kernel/mm/transparent_hugepage/enabled"),
              "date": datetime.date.today().isoformat(),
              "foreign_load": {}}
   # Two cores: any other job on the machine skews both sides, so we measure how much there was.
-  start, before = time.perf_counter(), _cpu_seconds()
+  start, before = time.perf_counter(), bench_util.cpu_seconds()
   time.sleep(1.0)
-  results["foreign_load"]["before"] = _foreign_load(before, time.perf_counter() - start)
+  results["foreign_load"]["before"] = bench_util.foreign_load(before,
+                                                              time.perf_counter() - start)
 
   if _TORCH.value:
     torch_steps, params = _torch_contender(config, results)
@@ -245,14 +199,16 @@ def main(argv):
       steps["torch_encode"] = lambda: torch_steps["encode"](images)
       steps["torch_decode"] = lambda: torch_steps["decode"](t_codes)
       for step in ("encode", "decode"):
-        start, before = time.perf_counter(), _cpu_seconds()
+        start, before = time.perf_counter(), bench_util.cpu_seconds()
         timed = _time({k: v for k, v in steps.items() if k.endswith(step)}, repeats, warmup)
-        results["foreign_load"][step] = _foreign_load(before, time.perf_counter() - start)
+        results["foreign_load"][step] = bench_util.foreign_load(before,
+                                                                time.perf_counter() - start)
         results.update({f"{k}_s": v for k, v in timed.items()})
   else:
-    start, before = time.perf_counter(), _cpu_seconds()
+    start, before = time.perf_counter(), bench_util.cpu_seconds()
     results.update({f"{k}_s": v for k, v in _time(steps, repeats, warmup).items()})
-    results["foreign_load"]["timing"] = _foreign_load(before, time.perf_counter() - start)
+    results["foreign_load"]["timing"] = bench_util.foreign_load(before,
+                                                                time.perf_counter() - start)
 
   _report(results)
   if _JSON_OUT.value:

@@ -1,0 +1,70 @@
+"""What the benchmark scripts share: machine facts, and how much CPU other processes used.
+
+On two cores any other job skews a timing badly, so each measurement is bracketed:
+
+  before = cpu_seconds(); start = time.perf_counter()
+  ...                                          # the measured work
+  load = foreign_load(before, time.perf_counter() - start)   # cores' worth; 0 on a quiet machine
+
+Imported by the scripts in this folder as `import bench_util` (a script's own folder is on
+sys.path).
+"""
+
+import os
+import platform
+import sys
+
+HUGETLB = "glibc.malloc.hugetlb=1"
+
+
+def cpu_seconds() -> tuple[float, float]:
+  """(CPU seconds all processes have used, CPU seconds this process has used) so far."""
+  with open("/proc/stat") as f:
+    jiffies = [int(v) for v in f.readline().split()[1:]]
+  busy = sum(jiffies) - jiffies[3] - jiffies[4]  # everything but idle and iowait
+  own = os.times()
+  return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def foreign_load(since: tuple[float, float], wall: float) -> float:
+  """Cores' worth of CPU that other processes used since `since` (0 on a quiet machine)."""
+  busy, own = cpu_seconds()
+  return max(busy - since[0] - (own - since[1]), 0.0) / wall
+
+
+def own_load(since: tuple[float, float], wall: float) -> float:
+  """Cores' worth of CPU that this process used since `since`."""
+  return (cpu_seconds()[1] - since[1]) / wall
+
+
+def restart_with_hugepages() -> None:
+  """Re-runs this process with glibc's malloc asking for transparent huge pages for its big
+  blocks (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, read only at start-up), unless already so."""
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if HUGETLB not in tunables.split(":"):
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGETLB])))
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def memory_gib() -> float:
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def read(path: str) -> str:
+  """A small text file's contents (e.g. a /sys setting), or "unknown"."""
+  try:
+    with open(path) as f:
+      return f.read().strip()
+  except OSError:
+    return "unknown"
