@@ -88,3 +88,12 @@ def column_major_permutation(text_len: int, height: int, width: int) -> np.ndarr
   """
   image = np.arange(height * width).reshape(height, width).T.reshape(-1)
   return np.concatenate([np.arange(text_len), text_len + image])
+
+
+def image_key_offsets(mask: np.ndarray, text_len: int) -> np.ndarray:
+  """int[K], ascending: every distance q - k from an image query q to an image key k that the
+  mask admits. A decode step at image position p needs only the keys p - offsets (those the
+  mask row admits) and the text: the row mask's W + 1 offsets, the conv mask's kernel half, the
+  column mask's multiples of W, instead of the whole sequence."""
+  queries, keys = np.nonzero(mask[text_len:, text_len:])
+  return np.unique(queries - keys)

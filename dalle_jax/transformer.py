@@ -156,6 +156,21 @@ def _attend_rows(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array) -> j
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def _attend_admitted_keys(q: jax.Array, k: jax.Array, v: jax.Array, mask: np.ndarray,
+                          position: jax.Array | int, text_len: int) -> jax.Array:
+  """Decode-time attention of the one new image query at `position` to the keys its layer's mask
+  can admit, not the whole cache: the text and position - `masks.image_key_offsets`, so a step's
+  cost stops growing with the sequence. q [B, 1, H, D], k and v [B, S, H, D] -> [B, 1, H, D]."""
+  offsets = masks.image_key_offsets(mask, text_len)
+  back = position - offsets
+  # Offsets that reach before the image are clamped into range and masked out below.
+  index = jnp.concatenate([jnp.arange(text_len), jnp.maximum(back, 0)])
+  admitted = jnp.concatenate([jnp.ones(text_len, bool), back >= text_len])
+  admitted &= jnp.asarray(mask)[position][index]
+  return _attend_rows(q, jnp.take(k, index, axis=1), jnp.take(v, index, axis=1),
+                      admitted[None])
+
+
 class Projection(nn.Module):
   """`einsum(equation, x, kernel) + bias` with logically named float32 parameters, computed in
   `dtype`: one module for the q/k/v, output, MLP and head projections."""
@@ -183,7 +198,8 @@ class Attention(nn.Module):
 
   Training: L = seq_len, the whole mask. Decoding (`start` given): the L new positions from
   `start` on are written into a key/value cache of the whole sequence (the `cache` collection)
-  and attend to it through rows start..start+L-1 of the same mask.
+  and attend to it through rows start..start+L-1 of the same mask; a one-code step of a sparse
+  (`attention != "dense"`) model reads only the cached keys its mask row can admit.
   """
   config: TransformerConfig
   kind: str
@@ -206,8 +222,11 @@ class Attention(nn.Module):
       values = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
       keys.value = jax.lax.dynamic_update_slice(keys.value, k, (0, start, 0, 0))
       values.value = jax.lax.dynamic_update_slice(values.value, v, (0, start, 0, 0))
-      rows = jax.lax.dynamic_slice(jnp.asarray(mask), (start, 0), (x.shape[1], c.seq_len))
-      out = _attend_rows(q, keys.value, values.value, rows)
+      if x.shape[1] == 1 and c.attention != "dense":
+        out = _attend_admitted_keys(q, keys.value, values.value, mask, start, c.text_len)
+      else:
+        rows = jax.lax.dynamic_slice(jnp.asarray(mask), (start, 0), (x.shape[1], c.seq_len))
+        out = _attend_rows(q, keys.value, values.value, rows)
     out = _constrain(out, ("batch", "length", "act_heads", "act_kv"))
     # GPT-2's scaled init of residual outputs keeps the stream's variance flat with depth.
     return Projection("bshd,hde->bse", (c.heads, c.head_dim, c.width), ("heads", "kv", "embed"),

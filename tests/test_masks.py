@@ -92,3 +92,12 @@ def test_bad_requests_are_refused():
   with pytest.raises(ValueError):
     masks.layer_kinds(0)
   assert not masks.attention_mask("row", T, H, W).flags.writeable
+
+
+def test_image_key_offsets_are_what_a_decode_step_reads():
+  T, H, W = 3, 4, 4
+  offsets = lambda kind: masks.image_key_offsets(masks.attention_mask(kind, T, H, W, 3), T).tolist()
+  assert offsets("row") == [0, 1, 2, 3, 4]
+  assert offsets("column") == [0, 4, 8, 12]
+  assert offsets("conv") == [0, 1, 3, 4, 5]  # raster offsets of the kernel's causal half
+  assert offsets("dense") == list(range(H * W))

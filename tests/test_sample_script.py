@@ -1,6 +1,6 @@
-"""experiments/sample.py end to end on a 2-step transformer and 2-step dVAEs: the files it
-writes, the same images whatever the batch size, truncation warnings, priming, refusing a dVAE
-that does not fit."""
+"""experiments/sample.py end to end on a 2-step transformer, 2-step dVAEs and a 2-step reranker:
+the files it writes, the same images whatever the batch size, truncation warnings, priming,
+reranking, refusing a dVAE that does not fit."""
 
 import json
 import os
@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from conftest import CACHE_ENV, make_stage2_data
-from dalle_jax import dvae, dvae_training, image_grid
+from dalle_jax import dvae, dvae_training, image_grid, rerank
+from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import preprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,11 +42,11 @@ def _ok(process: subprocess.Popen) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """A 2-step transformer (its config naming the dVAE), a matching 2-step dVAE and one with a
-  16-code vocabulary, trained side by side."""
+  """A 2-step transformer (its config naming the dVAE), a matching 2-step dVAE, one with a
+  16-code vocabulary and a 2-step reranker, trained side by side."""
   root = tmp_path_factory.mktemp("sample")
   tokenizer_dir, codes_dir = make_stage2_data(str(root))
-  paths = {name: str(root / name) for name in ("transformer", "dvae", "dvae16")}
+  paths = {name: str(root / name) for name in ("transformer", "dvae", "dvae16", "reranker")}
   dvae_flags = (f"--config={CONFIGS}/dvae_tiny.py", "--config.train.num_steps=2",
                 "--config.data.eval_split=")
   processes = [
@@ -56,6 +57,10 @@ def runs(tmp_path_factory):
       _start("train_dvae.py", *dvae_flags, f"--workdir={paths['dvae']}"),
       _start("train_dvae.py", *dvae_flags, f"--workdir={paths['dvae16']}",
              "--config.model.vocab_size=16"),
+      _start("train_reranker.py", f"--config={CONFIGS}/reranker_tiny.py",
+             f"--workdir={paths['reranker']}", "--config.train.num_steps=2",
+             f"--config.data.tokenizer_dir={tokenizer_dir}", "--config.model.text_vocab_size=320",
+             "--config.data.num_examples=64"),
   ]
   for process in processes:
     _ok(process)
@@ -88,6 +93,9 @@ def sampled(runs, tmp_path_factory):
       "primed": _sample(runs, root / "primed", "--batch_size=4", f"--prime_image={prime}",
                         "--prime_rows=2"),
       "wrong_dvae": _sample(runs, root / "wrong", f"--dvae_workdir={runs['dvae16']}"),
+      # Candidates g = 3 * prompt + j draw with the keys of batch4's samples: the same images.
+      "reranked": _sample(runs, root / "reranked", "--batch_size=4", "--rerank=3", "--keep=2",
+                          f"--reranker={runs['reranker']}"),
   }
   results = {name: _finish(p) for name, p in processes.items()}
   return root, prime, results
@@ -152,3 +160,26 @@ def test_a_dvae_that_does_not_fit_the_transformer_is_refused(sampled):
   code, _, err = results["wrong_dvae"]
   assert code != 0
   assert "vocab_size 16" in err and "--dvae_workdir" in err
+
+
+def test_reranking_keeps_the_best_scored_candidates_best_first(runs, sampled):
+  root, _, results = sampled
+  code, _, err = results["reranked"]
+  assert code == 0, err[-3000:]
+  config, params, tokenizer_dir = rerank.load_trained(runs["reranker"])
+  tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_dir)
+  with open(root / "reranked" / "samples.json") as f:
+    manifest = json.load(f)
+  for i, entry in enumerate(manifest["prompts"]):
+    # Score the plain run's three samples of this prompt ourselves: the same candidates.
+    names = [f"prompt{i}_sample{j}.png" for j in range(3)]
+    images = np.stack([np.asarray(Image.open(root / "batch4" / name)) for name in names])
+    text = np.stack([tokenizer.encode(PROMPTS[i])[0]] * 3)
+    scores = np.asarray(rerank.score(params, config, images, text))
+    best = np.argsort(-scores, kind="stable")[:2]
+    assert [s["sample_index"] for s in entry["samples"]] == [3 * i + int(j) for j in best]
+    np.testing.assert_allclose([s["score"] for s in entry["samples"]], scores[best], atol=1e-5)
+    for sample, j in zip(entry["samples"], best):
+      assert (root / "reranked" / sample["file"]).read_bytes() == \
+          (root / "batch4" / names[j]).read_bytes()
+  assert np.load(root / "reranked" / "codes.npz")["codes"].shape == (2, 2, 4, 4)
