@@ -3,8 +3,9 @@
     out = attend(q, k, v, mask)      # q, k, v [batch, seq, heads, head_dim]; mask bool[seq, seq]
 
 `mask` is a NumPy array from `dalle_jax.masks`, known at trace time. The dense path computes every
-score and masks it; the block-sparse path (a later stage) derives its block lists from the same
-array and plugs in here, chosen by `implementation`.
+score and masks it; "block_sparse" derives block lists from the same array and computes only the
+non-empty blocks: on TPU with Pallas splash attention (`dalle_jax.splash_attention`, run per
+device under `shard_map`), elsewhere in plain XLA (`dalle_jax.block_sparse`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = ("dense",)
+from jax.sharding import PartitionSpec as P
+
+from dalle_jax import block_sparse, sharding, splash_attention
+
+IMPLEMENTATIONS = ("dense", "block_sparse")
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: np.ndarray) -> jax.Array:
@@ -72,12 +77,40 @@ _masked_softmax_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: np.ndarray,
-           implementation: str = "dense") -> jax.Array:
-  """Masked attention by the chosen implementation; see `dense_attention` for shapes."""
+           implementation: str = "dense", permutation: np.ndarray | None = None,
+           block_size: int = 32) -> jax.Array:
+  """Masked attention by the chosen implementation; see `dense_attention` for shapes.
+
+  `permutation` (int[seq], e.g. `masks.column_major_permutation` for column layers) and
+  `block_size` are for "block_sparse", which blocks the permuted sequence; dense attention gives
+  the same result without reordering, so it ignores them.
+  """
   if q.shape[1] != mask.shape[0] or k.shape[1] != mask.shape[1]:
     raise ValueError(f"mask {mask.shape} does not match {q.shape[1]} queries and "
                      f"{k.shape[1]} keys")
   if implementation == "dense":
     return dense_attention(q, k, v, mask)
+  if implementation == "block_sparse":
+    if jax.default_backend() == "tpu" and splash_attention.available():
+      return sharded_splash_attention(q, k, v, mask, permutation)
+    return block_sparse.block_sparse_attention(q, k, v, mask, block_size, permutation)
   raise ValueError(f"unknown attention implementation {implementation!r}; choose one of "
                    f"{', '.join(IMPLEMENTATIONS)}")
+
+
+def sharded_splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: np.ndarray,
+                             permutation: np.ndarray | None = None,
+                             interpret: bool = False) -> jax.Array:
+  """Splash attention on each device's batch rows and heads: a Pallas call is not partitioned by
+  XLA, which would gather q, k and v onto every device. Under a mesh (`jax.set_mesh`) the batch is
+  split over its batch axes and the heads over `tensor`, as the transformer's rules place them."""
+  run = lambda q, k, v: splash_attention.splash_attention(
+      q, k, v, mask, permutation=permutation, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return run(q, k, v)
+  batch = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names) or None
+  heads = "tensor" if "tensor" in mesh.axis_names else None
+  spec = P(batch, None, heads, None)
+  return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)

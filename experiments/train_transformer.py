@@ -12,6 +12,7 @@ The workdir holds checkpoints/, metrics.jsonl, TensorBoard events (tensorboard/)
 """
 
 import os
+import time
 
 from absl import app, flags, logging
 import jax
@@ -169,6 +170,7 @@ def main(argv):
   progress = tqdm.tqdm(total=train.num_steps, initial=start, unit="step",
                        disable=jax.process_index() != 0)
   last = min(train.num_steps, _STOP_AT.value or train.num_steps)
+  logged_at = None  # (step, time) of the last log; the first interval holds the compile
   for step in range(start + 1, last + 1):
     state, metrics = train_step(state, to_global(next(batches)))
 
@@ -182,7 +184,11 @@ def main(argv):
             "--config.train.on_nonfinite=skip to skip such steps and count them.")
       nonfinite_seen = nonfinite
     if due(config.log_every):
-      values = jax.device_get(metrics)
+      values = jax.device_get(metrics)  # waits for the step
+      now = time.perf_counter()
+      if logged_at:  # wall clock, so evaluations and checkpoints in the interval count too
+        values["perf/steps_per_s"] = (step - logged_at[0]) / (now - logged_at[1])
+      logged_at = step, now
       write(step, {**values, "nonfinite_steps": nonfinite_seen,
                    "data/epoch": batches.epoch,
                    "data/truncated_captions": batches.truncated_captions})

@@ -1,5 +1,6 @@
 """Tests for dalle_jax/sampling.py: the cached sampler draws exactly what full forward passes draw."""
 
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -49,6 +50,22 @@ def test_cached_sampling_draws_the_uncached_tokens(params, text, settings, guide
   b = uncached(MODEL, params, text, _keys(), settings, None, guided)
   np.testing.assert_array_equal(a, b)
   assert a.shape == (BATCH, 4, 4) and len(np.unique(np.asarray(a))) > 3
+
+
+@pytest.mark.parametrize("settings, guided", [
+    (SampleSettings(), False),
+    (SampleSettings(guidance=3.0, prime_rows=1), True),
+])
+def test_the_sparse_decode_step_draws_the_dense_tokens(params, text, settings, guided):
+  # The sparse model's steps read only the keys each mask row admits (block-sparse attention in
+  # the uncached reference): the same draws as the dense model.
+  sparse = dataclasses.replace(MODEL, attention="block_sparse", attention_block_size=4)
+  primes = jnp.asarray(np.random.default_rng(2).integers(0, 32, (BATCH, 4, 4)), jnp.int32)
+  want = uncached(MODEL, params, text, _keys(), settings, primes, guided)
+  np.testing.assert_array_equal(cached(sparse, params, text, _keys(), settings, primes, guided),
+                                want)
+  np.testing.assert_array_equal(uncached(sparse, params, text, _keys(), settings, primes, guided),
+                                want)
 
 
 def test_the_cache_gives_the_logits_of_the_full_forward_pass(params, text):

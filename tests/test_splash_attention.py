@@ -138,3 +138,24 @@ def test_padding_queries_see_only_their_own_padding_key():
 def test_bad_arguments_are_refused(call, message):
   with pytest.raises(ValueError, match=message):
     call(masks.attention_mask("row", **TINY))
+
+
+def test_under_a_mesh_each_device_runs_its_batch_rows_and_heads():
+  # 2 data x 2 fsdp x 2 tensor: 4 batch rows split four ways, 2 heads split two ways.
+  from dalle_jax import sharding
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  mask = masks.attention_mask("column", **TINY, kernel=KERNEL)
+  perm = _permutation("column", TINY)
+  keys = jax.random.split(jax.random.key(1), 4)
+  q, k, v, cotangent = [jax.random.normal(key, (4, mask.shape[0], HEADS, HEAD_DIM))
+                        for key in keys]
+
+  sharded = lambda q, k, v: attention.sharded_splash_attention(q, k, v, mask, perm,
+                                                               interpret=True)
+  with jax.set_mesh(mesh):  # as the train step runs: forward and backward in one jit
+    got = jax.jit(lambda *args: _value_and_grads(sharded, *args))(q, k, v, cotangent)
+    assert "shard_map" in str(jax.make_jaxpr(sharded)(q, k, v))
+  want = _value_and_grads(lambda q, k, v: attention.dense_attention(q, k, v, mask),
+                          q, k, v, cotangent)
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=name)

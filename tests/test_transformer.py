@@ -99,6 +99,26 @@ def test_bfloat16_and_remat_match_float32():
   assert jax.tree.leaves(params)[0].dtype == jnp.float32
 
 
+@pytest.mark.parametrize("kinds", [None, ("axial_row", "axial_col", "dense", "conv")])
+def test_block_sparse_layers_match_dense_ones(kinds):
+  # Block size 4 over 8 + 16 positions: empty, partial and full blocks in every mask, and the
+  # column layers run in column-major order.
+  dense = dataclasses.replace(TINY, layer_kinds=kinds)
+  sparse = dataclasses.replace(dense, attention="block_sparse", attention_block_size=4)
+  text, codes = _batch(TINY)
+  params = _params(TINY)
+
+  def loss(config):
+    def f(p):
+      logits = transformer.Transformer(config).apply({"params": p}, text, codes)
+      return transformer.dalle_loss(config, *logits, text, codes)[0]
+    return jax.jit(jax.value_and_grad(f))(params)
+
+  (value, grads), (sparse_value, sparse_grads) = loss(dense), loss(sparse)
+  np.testing.assert_allclose(sparse_value, value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), sparse_grads, grads)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(layer_kinds=("row", "sparse", "row", "conv")), "unknown layer kinds"),
     (dict(layer_kinds=("row",)), "1 entries for depth 4"),
@@ -106,6 +126,7 @@ def test_bfloat16_and_remat_match_float32():
     (dict(dtype="float16"), "dtype"),
     (dict(attention="flash"), "attention"),
     (dict(text_len=1), "text_len"),
+    (dict(attention_block_size=0), "attention_block_size"),
 ])
 def test_bad_configs_are_refused(change, message):
   with pytest.raises(ValueError, match=message):

@@ -1,0 +1,148 @@
+"""dalle_jax/block_sparse.py: exact layouts, and outputs and gradients equal to dense attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dalle_jax import attention, block_sparse, masks
+
+
+def _dense_and_sparse(mask, block_size, permutation=None, dtype=jnp.float32, seed=0):
+  """(out, dq, dk, dv) of dense and of block-sparse attention on random [2, seq, 2, 8] inputs
+  and a random output cotangent; both in one jitted program (one compile per case)."""
+  rng = np.random.default_rng(seed)
+  q, k, v, d_out = (jnp.asarray(rng.standard_normal((2, mask.shape[0], 2, 8)), dtype)
+                    for _ in range(4))
+
+  def run(q, k, v, d_out):
+    results = []
+    for fn in (lambda *x: attention.dense_attention(*x, mask),
+               lambda *x: block_sparse.block_sparse_attention(*x, mask, block_size, permutation)):
+      out, vjp = jax.vjp(fn, q, k, v)
+      results.append((out, *vjp(d_out)))
+    return results
+
+  return jax.jit(run)(q, k, v, d_out)
+
+
+def _assert_close(dense, sparse, tolerance=1e-5):
+  for name, expected, got in zip(("out", "dq", "dk", "dv"), dense, sparse):
+    assert got.dtype == expected.dtype, name
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
+                               atol=tolerance, rtol=tolerance, err_msg=name)
+
+
+# Text lengths and grids that leave seq off every block size (23, 74, 42), so padding is tested.
+_GEOMETRIES = {4: (7, 4, 4), 8: (10, 8, 8), 16: (6, 6, 6)}
+
+
+@pytest.mark.parametrize("block_size", sorted(_GEOMETRIES))
+@pytest.mark.parametrize("kind", masks.KINDS)
+def test_outputs_and_gradients_equal_dense_attention(kind, block_size):
+  text_len, height, width = _GEOMETRIES[block_size]
+  mask = masks.attention_mask(kind, text_len, height, width, kernel=3)
+  assert mask.shape[0] % block_size
+  permutation = None
+  if kind in ("column", "axial_col"):  # as column layers run: on column-major states
+    permutation = masks.column_major_permutation(text_len, height, width)
+  _assert_close(*_dense_and_sparse(mask, block_size, permutation))
+
+
+def test_column_mask_is_also_exact_in_raster_order():
+  mask = masks.attention_mask("column", 7, 4, 4)
+  _assert_close(*_dense_and_sparse(mask, 4))
+
+
+def test_arbitrary_mask_permutation_and_unattended_keys():
+  # Random band with holes, two keys every query sees, rows that see only key 5, a key nobody
+  # sees, and a random permutation: global key blocks that are not a run, local query blocks
+  # that are not a run, keys that must come back from a gather.
+  rng = np.random.default_rng(3)
+  seq = 29
+  i, j = np.arange(seq)[:, None], np.arange(seq)[None, :]
+  mask = (np.abs(i - j) < 4) & (rng.random((seq, seq)) < 0.8)
+  mask[:, [5, 20]] = True
+  mask[8:12] = False
+  mask[8:12, 5] = True
+  mask[:, seq - 3] = False
+  mask[~mask.any(1), 0] = True
+  _assert_close(*_dense_and_sparse(mask, 2, permutation=rng.permutation(seq), seed=1))
+  plan = block_sparse._plan(mask, 2, None)
+  assert not block_sparse._is_run(plan.local_rows)  # the general paths were taken
+
+
+def test_bfloat16_inputs_give_bfloat16_results_close_to_dense():
+  mask = masks.attention_mask("row", 7, 4, 4)
+  dense, sparse = _dense_and_sparse(mask, 8, dtype=jnp.bfloat16)
+  _assert_close(dense, sparse, tolerance=2e-2)
+
+
+def test_attend_routes_to_block_sparse_and_dense_ignores_the_permutation():
+  mask = masks.attention_mask("column", 7, 4, 4)
+  perm = masks.column_major_permutation(7, 4, 4)
+  q, k, v = (jnp.asarray(np.random.default_rng(s).standard_normal((1, 23, 2, 8)), jnp.float32)
+             for s in range(3))
+  assert "block_sparse" in attention.IMPLEMENTATIONS
+  sparse = attention.attend(q, k, v, mask, "block_sparse", perm, block_size=4)
+  expected = block_sparse.block_sparse_attention(q, k, v, mask, 4, perm)
+  np.testing.assert_array_equal(sparse, expected)
+  dense = attention.attend(q, k, v, mask, "dense", perm)
+  np.testing.assert_allclose(dense, attention.dense_attention(q, k, v, mask), atol=0, rtol=0)
+  np.testing.assert_allclose(sparse, dense, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="permutation"):
+    block_sparse.block_sparse_attention(q, k, v, mask, 4, np.zeros(23, int))
+
+
+def test_layout_of_a_small_row_mask():
+  # Text 2 + a 2x2 image, row mask; blocks of 2: {text}, {(0,0), (0,1)}, {(1,0), (1,1)}.
+  mask = masks.attention_mask("row", 2, 2, 2)
+  np.testing.assert_array_equal(mask, [[1, 0, 0, 0, 0, 0],
+                                       [1, 1, 0, 0, 0, 0],
+                                       [1, 1, 1, 0, 0, 0],
+                                       [1, 1, 1, 1, 0, 0],
+                                       [1, 1, 1, 1, 1, 0],
+                                       [1, 1, 0, 1, 1, 1]])
+  layout = block_sparse.block_layout(mask, 2)
+  assert layout.num_blocks == 3
+  np.testing.assert_array_equal(layout.counts, [1, 2, 3])
+  np.testing.assert_array_equal(layout.key_blocks, [[0, 0, 0], [0, 1, 1], [0, 1, 2]])
+  # Image queries see all text: full tiles; the causal diagonals and the band are partial.
+  np.testing.assert_array_equal(layout.full, [[0, 0, 0], [1, 0, 0], [1, 0, 0]])
+  np.testing.assert_array_equal(layout.tiles[0, 0], [[1, 0], [1, 1]])
+  np.testing.assert_array_equal(layout.tiles[2, 1], [[1, 1], [0, 1]])
+  np.testing.assert_array_equal(layout.tiles[2, 2], [[1, 0], [1, 1]])
+  assert not layout.tiles[0, 1:].any() and not layout.tiles[1, 2].any()  # padding slots
+  # Transposed: key block 0 is used by every query block, block 2 by the last only.
+  np.testing.assert_array_equal(layout.user_counts, [3, 2, 1])
+  np.testing.assert_array_equal(layout.query_blocks, [[0, 1, 2], [1, 2, 3], [2, 3, 3]])
+  np.testing.assert_array_equal(layout.query_slots, [[0, 0, 0], [1, 1, 0], [2, 0, 0]])
+  assert layout.fraction == pytest.approx(6 / 9)
+  np.testing.assert_array_equal(layout.padded_mask(), mask)
+  assert block_sparse.block_layout(mask.copy(), 2) is layout  # cached by contents
+
+
+def test_padding_queries_see_only_themselves_and_padding_keys_nothing():
+  mask = masks.attention_mask("row", 2, 2, 2)  # seq 6 in blocks of 4: padded to 8
+  layout = block_sparse.block_layout(mask, 4)
+  padded = layout.padded_mask()
+  np.testing.assert_array_equal(padded[:6, :6], mask)
+  assert not padded[:6, 6:].any()
+  np.testing.assert_array_equal(padded[6:], [[0] * 6 + [1, 0], [0] * 7 + [1]])
+
+
+def test_text_blocks_are_global_and_the_image_band_local():
+  # Text 8 + 4x4 in blocks of 4: text blocks 0, 1 are scored against every query; each image
+  # block attends its own block and the previous one (row attention reaches back W + 1 = 5).
+  plan = block_sparse._plan(masks.attention_mask("row", 8, 4, 4), 4, None)
+  np.testing.assert_array_equal(plan.global_blocks, [0, 1])
+  np.testing.assert_array_equal(plan.local_rows, [2, 3, 4, 5])
+  np.testing.assert_array_equal(plan.local_blocks, [[2, 0], [2, 3], [3, 4], [4, 5]])
+
+
+def test_column_major_order_makes_the_paper_column_mask_a_band():
+  # The paper's geometry, blocks of 32: about half the tiles in raster order, a fifth after.
+  mask = masks.attention_mask("column", 256, 32, 32)
+  perm = masks.column_major_permutation(256, 32, 32)
+  assert block_sparse.block_layout(mask, 32).fraction == pytest.approx(0.5125)
+  assert block_sparse.block_layout(mask[perm][:, perm], 32).fraction == pytest.approx(0.2025)
