@@ -5,11 +5,13 @@
 
 What is timed: `sampling.sample_codes` (caption prefill, then 256 image codes drawn one at a time
 with the key/value cache), compiled ahead of time, random parameters; each call draws batch x
-image_len codes. `--uncached` also times the reference path that runs the whole sequence for every
+image_len codes, once with decode steps over the whole cache through their mask row and once
+reading only the cached keys the row admits (`attention="block_sparse"`). `--uncached` also times the reference path that runs the whole sequence for every
 code (what a sampler without a working cache pays). Medians of `--repeats` calls; the foreign CPU
 load during them is reported (see bench_util).
 """
 
+import dataclasses
 import json
 import os
 import statistics
@@ -69,12 +71,16 @@ def main(argv):
              "config": {k: getattr(model, k) for k in
                         ("text_len", "text_vocab_size", "image_size", "image_vocab_size",
                          "width", "depth", "heads", "head_dim")}}
-  paths = {"cached": sampling.sample_codes}
+  # The cached path with each decode step: the whole cache through the mask row ("dense"), or
+  # only the keys the row admits ("block_sparse"); the same draws (tests/test_sampling.py).
+  sparse = dataclasses.replace(model, attention="block_sparse")
+  paths = {"cached": (model, sampling.sample_codes),
+           "cached_sparse": (sparse, sampling.sample_codes)}
   if _UNCACHED.value:
-    paths["uncached"] = sampling.sample_codes_uncached
-  for name, fn in paths.items():
-    run = timed(lambda p, t, k, s, fn=fn: fn(model, p, t, k, s), (params, text, keys, settings),
-                _REPEATS.value)
+    paths["uncached"] = (model, sampling.sample_codes_uncached)
+  for name, (config, fn) in paths.items():
+    run = timed(lambda p, t, k, s, c=config, fn=fn: fn(c, p, t, k, s),
+                (params, text, keys, settings), _REPEATS.value)
     run["image_tokens_per_s"] = tokens / run["median_s"]
     results[name] = run
     print(f"{name}: {run['image_tokens_per_s']:.0f} image tokens/s ({tokens} tokens in "

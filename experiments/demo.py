@@ -8,10 +8,11 @@ started again resumes where it stopped: every stage resumes or skips finished wo
 
   train_tokenizer.py -> train_dvae.py -> encode_dataset.py (train and held-out splits)
   -> train_reranker.py -> train_transformer.py -> sample.py (held-out and training captions,
-  reranked)
+  reranked) -> eval_zero_shot.py (the share of samples with every captioned attribute)
 
 and writes into `--out`: samples.png (captioned grid; held-out compositions framed in red),
-reconstructions.png (dVAE input beside output), loss_curves.png and metrics.json.
+reconstructions.png (dVAE input beside output), loss_curves.png, zero_shot.png (judged samples)
+and metrics.json.
 """
 
 import json
@@ -33,6 +34,8 @@ _OUT = flags.DEFINE_string("out", "demo_out", "Output directory.")
 _STEPS_SCALE = flags.DEFINE_float("steps_scale", 1.0, "Multiplies every stage's training steps.")
 _SAMPLES = flags.DEFINE_integer("samples_per_caption", 4, "Images shown per caption.")
 _CANDIDATES = flags.DEFINE_integer("candidates", 16, "Samples drawn per caption for reranking.")
+_ZERO_SHOT_CAPTIONS = flags.DEFINE_integer("zero_shot_captions", 48, "Captions per split "
+                                           "(held-out, training) judged by eval_zero_shot.py.")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "configs")
@@ -68,6 +71,18 @@ def unigram_entropy(codes: np.ndarray, vocab: int) -> float:
   p = np.bincount(codes.reshape(-1), minlength=vocab) / codes.size
   p = p[p > 0]
   return float(-(p * np.log(p)).sum())
+
+
+def zero_shot_summary(path: str) -> dict:
+  """The headline figures of eval_zero_shot.py's JSON: all attributes right, per split."""
+  with open(path) as f:
+    results = json.load(f)
+  return {"heldout_accuracy": results["heldout_accuracy"],
+          "train_accuracy": results["train_accuracy"],
+          "chance_accuracy": results["chance_accuracy"],
+          "heldout_attributes": results["heldout"]["attributes"],
+          "dvae_ceiling": results["heldout"]["judge_on_dvae_reconstructions"]["accuracy"],
+          "images_per_split": results["heldout"]["count"]}
 
 
 def main(argv):
@@ -107,6 +122,11 @@ def main(argv):
       f"--reranker={path('reranker')}", f"--out={path('samples')}", "--batch_size=32",
       timings=timings)
 
+  run("zero_shot", "eval_zero_shot.py", f"--transformer_workdir={path('transformer')}",
+      "--dataset=shapes", f"--num_captions={_ZERO_SHOT_CAPTIONS.value}",
+      "--samples_per_caption=2", "--batch_size=32", f"--out={path('zero_shot.json')}",
+      f"--grid={os.path.join(out, 'zero_shot.png')}", timings=timings)
+
   # ---------------------------------------------------------------- the pictures
   with open(path("samples", "samples.json")) as f:
     manifest = json.load(f)
@@ -144,6 +164,7 @@ def main(argv):
                       ("loss", "text_loss", "image_loss", "eval/loss", "eval/text_loss",
                        "eval/image_loss")},
       "image_unigram_entropy_nats": unigram,
+      "zero_shot": zero_shot_summary(path("zero_shot.json")),
       "seconds": timings,
       "total_minutes": round(sum(timings.values()) / 60, 1),
   }
