@@ -7,16 +7,22 @@ The sequence is padded to nB blocks of `block_size` (bs); the mask becomes an nB
 tiles, each empty, full or partial. The computation takes the non-empty tiles in two parts:
 
   global  key blocks that most query blocks use (here the text, which every image token sees):
-          scored against all queries at once, one large matmul over [N, nG * bs], no copies.
-  local   each query block's other non-empty key blocks (the band of row, column-major column and
-          conv attention), gathered per query block: [nL, bs, maxL * bs] scores.
+          scored against the queries in large matmuls over [rows, nG * bs], no copies.
+  band    the other non-empty tiles (row, column-major column and conv attention make a band):
+          query block i's lie in the window of key blocks i + offset .. i + offset + width - 1.
+          Query blocks go in groups of g (`_band_group`: conv's 7-block band runs in groups of
+          4 blocks of 32); a group's window of width + g - 1 blocks is made of strided slices of
+          the keys, no gather, and scored in one batched matmul [groups, g * bs, window keys].
 
 One softmax spans both parts of a query row (scores in float32, masked to -inf inside partial
-tiles). The backward is dense attention's, dS = P * (dO V^T - rowsum(dO * O)), on each part; the
-local keys' gradients are summed per key block through the transposed layout (for each key block,
-the slots that used it), with gathers: no scatter-add. A permutation of the sequence
-(`masks.column_major_permutation` for column layers) is applied to q, k, v and the mask and undone
-on the output: it turns the column mask into a band. Measurements: experiments/bench_attention.py.
+tiles). The query blocks are computed in chunks (a scan), FlashAttention-style: the forward keeps
+only each row's log-sum-exp, the backward recomputes the chunk's scores and applies dense
+attention's backward, dS = P * (dO V^T - rowsum(dO * O)); the keys' gradients are summed over the
+chunks in the carry, the band's folded back from the windows by strided pads (no scatter-add).
+Small chunks keep every buffer a few MiB, which on CPU matters as much as the tiles skipped (see
+`_CHUNK_SCORES`). A permutation of the sequence (`masks.column_major_permutation` for column
+layers) is applied to q, k, v and the mask and undone on the output: it turns the column mask into
+a band. Measurements: experiments/bench_attention.py.
 """
 
 from __future__ import annotations
@@ -129,120 +135,124 @@ def _block_layout(packed: bytes, seq: int, bs: int) -> BlockLayout:
 
 
 # ---------------------------------------------------------------------------------------------
-# The plan: the layout split into its global and local parts, as static index arrays.
+# The plan: the layout split into a global part and a band, as static arrays.
 # ---------------------------------------------------------------------------------------------
+
+# A band tile's keys are copied into windows; the copy's cost relative to a score, per head
+# dimension: fitted to experiments/bench_attention.py (conv's band runs fastest in groups of 2-4
+# blocks of 32 or 2 of 64, row's and column's in single blocks).
+_COPY_COST = 1.0
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Plan:
-  """Static arrays for one (layout, permutation); N = nB * bs padded positions.
+  """Static arrays for one (layout, permutation, head_dim); N = nB * bs padded positions.
 
   to_padded: int32[N], the original position at each padded, permuted one (seq: padding).
   from_padded: int32[seq], the padded, permuted position of each original one.
   global_blocks: int32[nG]; global_mask: bool[N, nG * bs].
-  local_rows: int32[nL], the query blocks with local tiles (not the text's: all its key blocks
-    are global).
-  local_blocks: int32[nL, maxL]; local_mask: bool[nL, bs, maxL * bs] (False in padding slots).
-  local_users: per group of key blocks with similar use, int32[n_g, maxU_g]: the local slots
-    (local row * maxL + slot) that use each key block, padded with nL * maxL (gathered as 0).
-  key_source: int32[seq], each original key's row in [global keys; the groups' keys] (out of
-    range, gathered as 0, for keys no query attends).
+  band_rows: (start, stop), the query blocks with tiles outside the global blocks, a whole number
+    of groups of `band_group` (g) blocks.
+  band_offset: group j's window is the `width` key blocks from start + j * g + band_offset.
+  band_mask: bool[(stop - start) * bs, width * bs], each query row against its group's window;
+    False in global, empty and out-of-range blocks.
   """
   layout: BlockLayout
   to_padded: np.ndarray
   from_padded: np.ndarray
   global_blocks: np.ndarray
   global_mask: np.ndarray
-  local_rows: np.ndarray
-  local_blocks: np.ndarray
-  local_mask: np.ndarray
-  local_users: tuple[np.ndarray, ...]
-  key_source: np.ndarray
+  band_rows: tuple[int, int]
+  band_group: int
+  band_offset: int
+  band_mask: np.ndarray
+
+  @property
+  def band_width(self) -> int:
+    return self.band_mask.shape[1] // self.layout.block_size
 
 
-def _choose_global(grid: np.ndarray) -> np.ndarray:
+def _band_cost(grid: np.ndarray, is_global: np.ndarray, copy: float) -> float:
+  """Tiles scored for a choice of global key blocks: every query block's against each of them,
+  and the band's, each band row against its widest span (a band tile costing `copy` more for
+  the copies of its keys)."""
+  rows, blocks = np.nonzero(grid & ~is_global)
+  band = 0 if not len(rows) else (np.ptp(rows) + 1) * (np.ptp(blocks - rows) + 1)
+  return grid.shape[0] * int(is_global.sum()) + (1 + copy) * band
+
+
+def _choose_global(grid: np.ndarray, copy: float) -> np.ndarray:
   """bool[nB]: the key blocks to score against every query, given the non-empty tiles
-  bool[nB, nB]: the busiest ones, as many as minimise the tiles computed per query block
-  (nG + maxL); ties go to more global blocks, which need no gather."""
+  bool[nB, nB]: the busiest ones, as many as minimise `_band_cost`; ties go to more global
+  blocks (larger matmuls, no copies)."""
   users = grid.sum(0)
   best, best_cost = None, None
   for threshold in sorted(set(users.tolist()) | {grid.shape[0] + 1}):
     chosen = users >= threshold
-    cost = (chosen.sum() + (grid & ~chosen).sum(1).max(), -chosen.sum())
+    cost = (_band_cost(grid, chosen, copy), -chosen.sum())
     if best_cost is None or cost < best_cost:
       best, best_cost = chosen, cost
   return best
 
 
-def _group_users(users: list[list[int]], empty: int,
-                 waste: float = 1.25) -> tuple[list[np.ndarray], list[np.ndarray]]:
-  """Key blocks grouped so that padding each group's slot lists to its longest costs at most
-  `waste` x its real slots (one width for all would pad every block to the busiest one).
-  `users[j]` lists block j's slots; returns each group's blocks and padded slot lists."""
-  order = sorted((j for j in range(len(users)) if users[j]), key=lambda j: -len(users[j]))
-  blocks, slots, start = [], [], 0
-  while start < len(order):
-    end = start + 1
-    while end < len(order):
-      lengths = [len(users[j]) for j in order[start:end + 1]]
-      if max(lengths) * len(lengths) > waste * sum(lengths):
-        break
-      end += 1
-    group = order[start:end]
-    table = np.full((len(group), len(users[group[0]])), empty, dtype=np.int32)
-    for row, j in enumerate(group):
-      table[row, :len(users[j])] = users[j]
-    blocks.append(np.asarray(group, dtype=np.int64))
-    slots.append(table)
-    start = end
-  return blocks, slots
+def _band_group(rows: int, width: int, stop: int, bs: int, head_dim: int) -> int:
+  """Query blocks per band group (g) for a band of `rows` blocks ending at block `stop`, each
+  `width` key blocks wide. A group's window spans g + width - 1 blocks: larger groups score more
+  masked keys but copy fewer windows. Estimated cost per query row:
+  (g + width - 1) * (bs + _COPY_COST * head_dim / g), over ceil(rows / g) whole groups."""
+  def cost(g):
+    return -(-rows // g) * g * (g + width - 1) * (bs + _COPY_COST * head_dim / g)
+  return min((g for g in range(1, min(rows, 8) + 1) if -(-rows // g) * g <= stop), key=cost)
 
 
 @functools.lru_cache(maxsize=64)
-def _plan_for(layout: BlockLayout, permutation: bytes | None) -> _Plan:
+def _plan_for(layout: BlockLayout, permutation: bytes | None, head_dim: int) -> _Plan:
   seq, bs, nb = layout.seq_len, layout.block_size, layout.num_blocks
   perm = np.arange(seq) if permutation is None else np.frombuffer(permutation, np.int64)
   to_padded = np.concatenate([perm, np.full(nb * bs - seq, seq)]).astype(np.int32)
   from_padded = np.argsort(perm).astype(np.int32)
   grid = layout.nonempty()
   tiles = layout.padded_mask().reshape(nb, bs, nb, bs)
-  is_global = _choose_global(grid)
+  is_global = _choose_global(grid, _COPY_COST * head_dim / bs)
   global_blocks = np.flatnonzero(is_global)
   global_mask = tiles[:, :, global_blocks].reshape(nb * bs, len(global_blocks) * bs)
-  local_lists = [np.flatnonzero(row & ~is_global) for row in grid]
-  local_rows = np.asarray([i for i, r in enumerate(local_lists) if len(r)], dtype=np.int64)
-  max_l = max(len(r) for r in local_lists)
-  local_blocks = np.zeros((len(local_rows), max_l), dtype=np.int64)
-  local_mask = np.zeros((len(local_rows), bs, max_l, bs), dtype=bool)
-  users = [[] for _ in range(nb)]
-  for r, i in enumerate(local_rows):
-    blocks = local_lists[i]
-    local_blocks[r, :len(blocks)] = blocks  # padding slots: block 0 under an all-False tile
-    local_mask[r, :, :len(blocks)] = tiles[i, :, blocks].transpose(1, 0, 2)
-    for slot, j in enumerate(blocks):
-      users[j].append(r * max_l + slot)
-  group_blocks, local_users = _group_users(users, len(local_rows) * max_l)
-  source = np.full(nb, nb, dtype=np.int64)  # each key block's row (in blocks) in the gradients
-  ordered = np.concatenate([global_blocks, *group_blocks])
-  source[ordered] = np.arange(len(ordered))
-  key_source = source[from_padded // bs] * bs + from_padded % bs
-  return _Plan(layout, to_padded, from_padded, global_blocks, global_mask, local_rows,
-               local_blocks, local_mask.reshape(len(local_rows), bs, max_l * bs),
-               tuple(local_users), key_source)
+  rows, blocks = np.nonzero(grid & ~is_global)  # the band's tiles
+  start = stop = offset = width = 0
+  group = 1
+  if len(rows):
+    stop, offset = int(rows.max()) + 1, int((blocks - rows).min())
+    width = int(np.ptp(blocks - rows)) + 1
+    group = _band_group(stop - int(rows.min()), width, stop, bs, head_dim)
+    start = stop - -(-(stop - int(rows.min())) // group) * group
+    width += group - 1
+  band_mask = np.zeros(((stop - start) // group, group, bs, width, bs), dtype=bool)
+  j, i = np.divmod(rows - start, group)  # group, and block within it
+  band_mask[j, i, :, i + blocks - rows - offset] = tiles[rows, :, blocks]
+  return _Plan(layout, to_padded, from_padded, global_blocks, global_mask, (start, stop), group,
+               offset, band_mask.reshape((stop - start) * bs, width * bs))
 
 
-def _plan(mask: np.ndarray, block_size: int, permutation: np.ndarray | None) -> _Plan:
+def _plan(mask: np.ndarray, block_size: int, permutation: np.ndarray | None,
+          head_dim: int = 64) -> _Plan:
   if permutation is not None:
     permutation = np.asarray(permutation, dtype=np.int64)
     if not np.array_equal(np.sort(permutation), np.arange(mask.shape[0])):
       raise ValueError(f"permutation must reorder range({mask.shape[0]})")
     mask = np.asarray(mask)[permutation][:, permutation]
   layout = block_layout(mask, block_size)
-  return _plan_for(layout, None if permutation is None else permutation.tobytes())
+  return _plan_for(layout, None if permutation is None else permutation.tobytes(), head_dim)
 
 
 # ---------------------------------------------------------------------------------------------
 # The computation.
 # ---------------------------------------------------------------------------------------------
+
+# At most this many scores (floats, all batch rows and heads together) per chunk of query blocks
+# (3 MiB): at the paper's geometry all the program's buffers then stay under glibc's 32 MiB mmap
+# threshold and are reused from call to call, instead of being page-faulted in afresh (40% of
+# dense attention's time on CPU is that); larger chunks run better on both cores.
+_CHUNK_SCORES = 3 * 2**18
+
 
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: np.ndarray,
                            block_size: int = 32,
@@ -256,7 +266,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: np.nd
   if q.shape[1] != mask.shape[0] or k.shape[1] != mask.shape[1]:
     raise ValueError(f"mask {mask.shape} does not match {q.shape[1]} queries and "
                      f"{k.shape[1]} keys")
-  plan = _plan(np.asarray(mask), block_size, permutation)
+  plan = _plan(np.asarray(mask), block_size, permutation, q.shape[-1])
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # as dense_attention: exact for D = 4^n
   q, k, v = (x.astype(q.dtype).swapaxes(1, 2) for x in (q, k, v))  # heads-major [B, H, S, D]
   return _sparse_attention(plan, q, k, v).swapaxes(1, 2)
@@ -267,20 +277,37 @@ def _is_run(index: np.ndarray) -> bool:
 
 
 def _rows(x: jax.Array, index: np.ndarray) -> jax.Array:
-  """x[:, :, index] for a static int[...] index: a slice where it is a run, else a gather."""
-  if index.ndim == 1 and _is_run(index):
+  """x[:, :, index] for a static int[n] index: a slice where it is a run, else a gather."""
+  if _is_run(index):
     return x[:, :, index[0]:index[0] + len(index)]
   return jnp.take(x, index, axis=2, mode="clip")
 
 
-def _blocks(x: jax.Array, bs: int) -> jax.Array:
-  """[B, H, n * bs, ...] -> [B, H, n, bs, ...]."""
-  return x.reshape(*x.shape[:2], -1, bs, *x.shape[3:])
+def _blocks(x: jax.Array, size: int) -> jax.Array:
+  """[B, H, n * size, ...] -> [B, H, n, size, ...]."""
+  return x.reshape(*x.shape[:2], -1, size, *x.shape[3:])
 
 
 def _flat(x: jax.Array) -> jax.Array:
   """[B, H, n, m, ...] -> [B, H, n * m, ...]."""
   return x.reshape(*x.shape[:2], -1, *x.shape[4:])
+
+
+def _shifted(x: jax.Array, shift: int, length: int, stride: int = 1) -> jax.Array:
+  """y[:, :, i] = x[:, :, i + shift] for i < length, zero where out of range (a pad, no gather);
+  with a stride, x[:, :, i] goes to y[:, :, i * stride - shift] instead (zeros between)."""
+  widths = [(0, 0, 0)] * x.ndim
+  size = (x.shape[2] - 1) * stride + 1
+  widths[2] = (-shift, shift + length - size, stride - 1)
+  return jax.lax.pad(x, jnp.zeros((), x.dtype), widths)
+
+
+def _slice(x: jax.Array, start, length: int, axis: int = 2) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(x, start, length, axis)
+
+
+def _matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
 def _padded(plan: _Plan, x: jax.Array) -> jax.Array:
@@ -291,42 +318,117 @@ def _padded(plan: _Plan, x: jax.Array) -> jax.Array:
   return jnp.take(x, plan.to_padded, axis=2, mode="fill", fill_value=0)
 
 
-def _local_rows(plan: _Plan, x: jax.Array) -> jax.Array:
-  """[B, H, N, ...] -> the local rows' [B, H, nL * bs, ...]."""
-  bs = plan.layout.block_size
-  return _flat(_rows(_blocks(x, bs), plan.local_rows))
+# The band's windows ---------------------------------------------------------------------------
+
+def _keys(plan: _Plan, x: jax.Array) -> tuple[jax.Array | None, jax.Array | None]:
+  """Padded keys (or values) [B, H, N, D] -> the global ones [B, H, nG * bs, D] and the band's
+  source [B, H, stop - start + width - g, bs, D], None where absent: band group j's window is
+  the source's blocks j * g .. j * g + width - 1 (zero blocks out of range)."""
+  bs, (start, stop) = plan.layout.block_size, plan.band_rows
+  blocks = _blocks(x, bs)
+  kept = None if not len(plan.global_blocks) else _flat(_rows(blocks, plan.global_blocks))
+  band = None if stop == start else _shifted(
+      blocks, start + plan.band_offset, stop - start + plan.band_width - plan.band_group)
+  return kept, band
 
 
-def _from_local_rows(plan: _Plan, x: jax.Array, fill: float) -> jax.Array:
-  """The local rows' [B, H, nL * bs, ...] -> [B, H, N, ...], `fill` in the other rows."""
-  bs, nb, rows = plan.layout.block_size, plan.layout.num_blocks, plan.local_rows
-  if _is_run(rows):
-    widths = [(0, 0)] * x.ndim
-    widths[2] = (rows[0] * bs, (nb - rows[-1] - 1) * bs)
-    return jnp.pad(x, widths, constant_values=fill)
-  source = np.full(nb, len(rows))
-  source[rows] = np.arange(len(rows))
-  index = (source[:, None] * bs + np.arange(bs)).reshape(-1)
-  return jnp.take(x, index, axis=2, mode="fill", fill_value=fill)
+def _windows(plan: _Plan, source: jax.Array, start, length: int) -> jax.Array:
+  """The windows of the n = length / g band groups from query block `start` (traced):
+  [B, H, n, width * bs, D]. Slot s of every group is one strided slice of the source: `width`
+  slices and a stack, no gather."""
+  g, width = plan.band_group, plan.band_width
+  chunk = _slice(source, start - plan.band_rows[0], length + width - g)
+  windows = jnp.stack([chunk[:, :, s:s + length - g + 1:g] for s in range(width)], axis=3)
+  return windows.reshape(*windows.shape[:3], -1, windows.shape[-1])
 
 
-def _key_gradient(plan: _Plan, d_global: jax.Array | None, d_local: jax.Array | None):
-  """Global keys' [B, H, nG * bs, D] and local slots' [B, H, nL, maxL * bs, D] gradients ->
-  [B, H, S, D]: each key block sums the local slots that used it, then every key returns to its
-  original position."""
-  parts = [] if d_global is None else [d_global]
-  if d_local is not None:
-    d_local = _blocks(_flat(d_local), plan.layout.block_size)  # [B, H, nL * maxL, bs, D]
-    for users in plan.local_users:
-      # One gather per user, summed, fuses into one loop: 13x faster than gathering all users
-      # into one array and reducing it.
-      parts.append(_flat(sum(jnp.take(d_local, u, axis=2, mode="fill", fill_value=0)
-                             for u in users.T)))
-  keys = jnp.concatenate(parts, axis=2)
-  if _is_run(plan.key_source) and plan.key_source[0] == 0:
-    return keys[:, :, :len(plan.key_source)]
-  return jnp.take(keys, plan.key_source, axis=2, mode="fill", fill_value=0)
+def _fold_windows(plan: _Plan, d_windows: jax.Array) -> jax.Array:
+  """The transpose of `_windows` (less the slice), on transposed windows: [B, H, n, D,
+  width * bs] -> [B, H, n * g + width - g, D, bs], each block the sum of the slots that held it:
+  `width` strided pads, added up in one fused loop."""
+  g, bs, width, n = plan.band_group, plan.layout.block_size, plan.band_width, d_windows.shape[2]
+  slots = d_windows.reshape(*d_windows.shape[:4], width, bs)
+  return sum(_shifted(slots[..., s, :], -s, n * g + width - g, g) for s in range(width))
 
+
+# Chunks of query blocks -----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Segment:
+  """A run of query blocks [start, stop), computed `size` blocks at a time; `band`: its blocks
+  have band tiles; `global_full`: all its global tiles are full (no mask to apply)."""
+  start: int
+  stop: int
+  size: int
+  band: bool
+  global_full: bool
+
+
+def _segments(plan: _Plan, batch_heads: int) -> list[_Segment]:
+  """The query blocks in order: before the band, the band, after it."""
+  bs, nb, (start, stop) = plan.layout.block_size, plan.layout.num_blocks, plan.band_rows
+  segments = []
+  for first, last, band in ((0, start, False), (start, stop, True), (stop, nb, False)):
+    if last > first:
+      keys = (len(plan.global_blocks) + band * plan.band_width) * bs
+      unit = plan.band_group if band else 1  # whole groups per chunk
+      units = (last - first) // unit
+      most = max(1, _CHUNK_SCORES // (batch_heads * bs * keys * unit))
+      size = -(-units // -(-units // most)) * unit  # chunks as even as the budget allows
+      full = bool(plan.global_mask[first * bs:last * bs].all())
+      segments.append(_Segment(first, last, size, band, full))
+  return segments
+
+
+def _in_chunks(step, carry, segment: _Segment):
+  """`carry, y = step(carry, chunk_start, length)` over the segment's query blocks, `size` at a
+  time: a scan over the whole chunks (one loop body: its buffers are reused), then the rest.
+  Returns the carry and the y's, [B, H, positions, ...] each, joined along positions."""
+  start, size = segment.start, segment.size
+  count, rest = divmod(segment.stop - start, size)
+  ys = []
+  if count == 1:
+    carry, y = step(carry, start, size)
+    ys.append(y)
+  elif count:
+    carry, stacked = jax.lax.scan(lambda c, i: step(c, start + i * size, size), carry,
+                                  jnp.arange(count))
+    ys.append(jax.tree.map(lambda y: jnp.moveaxis(y, 0, 2).reshape(
+        *y.shape[1:3], -1, *y.shape[4:]), stacked))
+  if rest:
+    carry, y = step(carry, start + count * size, rest)
+    ys.append(y)
+  return carry, jax.tree.map(lambda *y: jnp.concatenate(y, axis=2), *ys)
+
+
+def _scores(plan: _Plan, segment: _Segment, q: jax.Array, k_global, k_windows, start,
+            length: int) -> tuple[jax.Array | None, jax.Array | None]:
+  """Masked float32 scores of the query blocks [start, start + length) (start traced) against
+  the global keys, [B, H, length * bs, nG * bs], and against their band windows,
+  [B, H, length * bs, width * bs]; None for an absent part."""
+  bs, g = plan.layout.block_size, plan.band_group
+  q = _slice(q, start * bs, length * bs)
+  s_global = s_band = None
+  if k_global is not None:
+    s_global = _matmul("bhqd,bhkd->bhqk", q, k_global)
+    if not segment.global_full:
+      mask = _slice(jnp.asarray(plan.global_mask), start * bs, length * bs, axis=0)
+      s_global = jnp.where(mask, s_global, -jnp.inf)
+  if k_windows is not None:
+    mask = _slice(jnp.asarray(plan.band_mask), (start - plan.band_rows[0]) * bs, length * bs, 0)
+    s_band = _flat(_matmul("bhnqd,bhnkd->bhnqk", _blocks(q, g * bs), k_windows))
+    s_band = jnp.where(mask, s_band, -jnp.inf)
+  return s_global, s_band
+
+
+def _band_product(plan: _Plan, p: jax.Array, windows: jax.Array) -> jax.Array:
+  """[B, H, n * g * bs, width * bs] weights x [B, H, n, width * bs, D] windows -> [B, H,
+  n * g * bs, D]: each group's rows against its window."""
+  g_bs = plan.band_group * plan.layout.block_size
+  return _flat(_matmul("bhnqk,bhnkd->bhnqd", _blocks(p, g_bs), windows))
+
+
+# The attention --------------------------------------------------------------------------------
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sparse_attention(plan: _Plan, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -335,69 +437,102 @@ def _sparse_attention(plan: _Plan, q: jax.Array, k: jax.Array, v: jax.Array) -> 
 
 
 def _sparse_fwd(plan, q, k, v):
-  bs = plan.layout.block_size
+  """Chunk by chunk of query blocks: the scores, one softmax over both parts, the output. Only
+  the output and each row's log-sum-exp are kept: the backward recomputes the scores."""
   q, k, v = (_padded(plan, x) for x in (q, k, v))
-  # Global part: [B, H, N, nG * bs] scores. Local part: [B, H, nL, bs, maxL * bs].
-  kg = vg = kl = vl = sg = sl = None
-  row_max = []
-  if len(plan.global_blocks):
-    kg, vg = (_flat(_rows(_blocks(x, bs), plan.global_blocks)) for x in (k, v))
-    sg = jnp.einsum("bhqd,bhkd->bhqk", q, kg, preferred_element_type=jnp.float32)
-    # -inf outside the mask: weight exactly 0. Applied to full tiles too: fused into the max and
-    # exp passes, it costs nothing measurable.
-    sg = jnp.where(plan.global_mask, sg, -jnp.inf)
-    row_max.append(sg.max(-1))
-  if plan.local_blocks.shape[1]:
-    kl, vl = (_rows(_blocks(x, bs), plan.local_blocks) for x in (k, v))  # [.., nL, maxL, bs, D]
-    kl, vl = (x.reshape(*x.shape[:3], -1, x.shape[-1]) for x in (kl, vl))
-    sl = jnp.einsum("bhnqd,bhnkd->bhnqk", _blocks(_local_rows(plan, q), bs), kl,
-                    preferred_element_type=jnp.float32)
-    sl = jnp.where(plan.local_mask, sl, -jnp.inf)
-    row_max.append(_from_local_rows(plan, _flat(sl.max(-1)), -jnp.inf))
-  # Every row sees some key (padded rows themselves), so the max is finite.
-  row_max = functools.reduce(jnp.maximum, row_max)[..., None]  # [B, H, N, 1]
-  eg = el = None
-  out = total = 0
-  if sg is not None:
-    eg = jnp.exp(sg - row_max)
-    total = total + eg.sum(-1, keepdims=True)
-    out = out + jnp.einsum("bhqk,bhkd->bhqd", eg.astype(v.dtype), vg,
-                           preferred_element_type=jnp.float32)
-  if sl is not None:
-    el = jnp.exp(sl - _blocks(_local_rows(plan, row_max), bs))
-    total = total + _from_local_rows(plan, _flat(el.sum(-1, keepdims=True)), 0)
-    out = out + _from_local_rows(plan, _flat(jnp.einsum(
-        "bhnqk,bhnkd->bhnqd", el.astype(v.dtype), vl, preferred_element_type=jnp.float32)), 0)
-  out = (out / total).astype(v.dtype)  # [B, H, N, D]
-  return _rows(out, plan.from_padded), (q, kg, vg, kl, vl, eg, el, total, out)
+  (k_global, k_band), (v_global, v_band) = _keys(plan, k), _keys(plan, v)
+
+  def step(segment, carry, start, length):
+    k_windows, v_windows = (_windows(plan, x, start, length) if segment.band else None
+                            for x in (k_band, v_band))
+    scores = _scores(plan, segment, q, k_global, k_windows, start, length)
+    # Every row sees some key (padded rows themselves), so the max is finite.
+    row_max = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True)
+                                             for s in scores if s is not None])
+    e_global, e_band = (None if s is None else jnp.exp(s - row_max) for s in scores)
+    total = sum(e.sum(-1, keepdims=True) for e in (e_global, e_band) if e is not None)
+    out = 0
+    if e_global is not None:
+      out = _matmul("bhqk,bhkd->bhqd", e_global.astype(v.dtype), v_global)
+    if e_band is not None:
+      out = out + _band_product(plan, e_band.astype(v.dtype), v_windows)
+    return carry, ((out / total).astype(v.dtype), row_max + jnp.log(total))
+
+  outs = [_in_chunks(functools.partial(step, segment), None, segment)[1]
+          for segment in _segments(plan, q.shape[0] * q.shape[1])]
+  out, lse = (jnp.concatenate(x, axis=2) for x in zip(*outs))  # [B, H, N, D], [B, H, N, 1]
+  return _rows(out, plan.from_padded), (q, k, v, out, lse)
 
 
 def _sparse_bwd(plan, residuals, d_out):
-  """Dense attention's backward on each part: with P = e / total and O = P V,
-  dS = P * (dO V^T - rowsum(dO * O))."""
-  bs = plan.layout.block_size
-  q, kg, vg, kl, vl, eg, el, total, out = residuals
-  d_out = _padded(plan, d_out).astype(jnp.float32) / total
+  """Dense attention's backward on each part, chunk by chunk, with P = exp(S - lse) from the
+  recomputed scores and O = P V: dS = P * (dO V^T - rowsum(dO * O)). The gradients of the
+  global keys and of the band's source blocks (`_fold_windows`) are summed over the chunks in
+  the carry, transposed ([D, keys]): XLA:CPU computes Q^T dS 1.2-1.6x faster than dS^T Q."""
+  bs, g = plan.layout.block_size, plan.band_group
+  q, k, v, out, lse = residuals
+  d_out = _padded(plan, d_out).astype(jnp.float32)
   delta = jnp.sum(d_out * out.astype(jnp.float32), -1, keepdims=True)
-  dq = 0
-  dkg = dvg = dkl = dvl = None
-  if eg is not None:
-    dvg = jnp.einsum("bhqk,bhqd->bhkd", eg, d_out)
-    ds = jnp.einsum("bhqd,bhkd->bhqk", d_out, vg, preferred_element_type=jnp.float32)
-    ds = eg * (ds - delta)
-    dq = dq + jnp.einsum("bhqk,bhkd->bhqd", ds, kg, preferred_element_type=jnp.float32)
-    dkg = jnp.einsum("bhqk,bhqd->bhkd", ds, q, preferred_element_type=jnp.float32)
-  if el is not None:
-    d_out_l, q_l = (_blocks(_local_rows(plan, x), bs) for x in (d_out, q))
-    dvl = jnp.einsum("bhnqk,bhnqd->bhnkd", el, d_out_l)
-    ds = jnp.einsum("bhnqd,bhnkd->bhnqk", d_out_l, vl, preferred_element_type=jnp.float32)
-    ds = el * (ds - _blocks(_local_rows(plan, delta), bs))
-    dq = dq + _from_local_rows(plan, _flat(jnp.einsum(
-        "bhnqk,bhnkd->bhnqd", ds, kl, preferred_element_type=jnp.float32)), 0)
-    dkl = jnp.einsum("bhnqk,bhnqd->bhnkd", ds, q_l, preferred_element_type=jnp.float32)
-  dq = _rows(dq, plan.from_padded)
-  dk, dv = _key_gradient(plan, dkg, dkl), _key_gradient(plan, dvg, dvl)
-  return dq.astype(q.dtype), dk.astype(q.dtype), dv.astype(q.dtype)
+  (k_global, k_band), (v_global, v_band) = _keys(plan, k), _keys(plan, v)
+
+  def step(segment, carry, start, length):
+    (dk_global, dv_global), (dk_band, dv_band) = carry
+    k_windows, v_windows = (_windows(plan, x, start, length) if segment.band else None
+                            for x in (k_band, v_band))
+    s_global, s_band = _scores(plan, segment, q, k_global, k_windows, start, length)
+    q_c, d_out_c, delta_c, lse_c = (_slice(x, start * bs, length * bs)
+                                    for x in (q, d_out, delta, lse))
+    d_q = 0
+    if s_global is not None:
+      p = jnp.exp(s_global - lse_c)
+      d_s = p * (_matmul("bhqd,bhkd->bhqk", d_out_c, v_global) - delta_c)
+      d_q = _matmul("bhqk,bhkd->bhqd", d_s, k_global)
+      dk_global = dk_global + _matmul("bhqd,bhqk->bhdk", q_c, d_s)
+      dv_global = dv_global + _matmul("bhqd,bhqk->bhdk", d_out_c, p)
+    if s_band is not None:
+      p = jnp.exp(s_band - lse_c)
+      d_s = p * (_flat(_matmul("bhnqd,bhnkd->bhnqk", _blocks(d_out_c, g * bs), v_windows))
+                 - delta_c)
+      d_q = d_q + _band_product(plan, d_s, k_windows)
+      at = start - plan.band_rows[0]
+
+      def add(source, rows, weights):  # source[at:] += the fold of rows^T weights
+        folded = _fold_windows(plan, _matmul("bhnqd,bhnqk->bhndk", _blocks(rows, g * bs),
+                                             _blocks(weights, g * bs)))
+        return jax.lax.dynamic_update_slice_in_dim(
+            source, _slice(source, at, folded.shape[2]) + folded, at, axis=2)
+
+      dk_band, dv_band = add(dk_band, q_c, d_s), add(dv_band, d_out_c, p)
+    return ((dk_global, dv_global), (dk_band, dv_band)), d_q
+
+  zeros = lambda x: None if x is None else jnp.zeros(x.swapaxes(-1, -2).shape, jnp.float32)
+  carry = ((zeros(k_global),) * 2, (zeros(k_band),) * 2)
+  d_qs = []
+  for segment in _segments(plan, q.shape[0] * q.shape[1]):
+    carry, d_q = _in_chunks(functools.partial(step, segment), carry, segment)
+    d_qs.append(d_q)
+  d_q = _rows(jnp.concatenate(d_qs, axis=2), plan.from_padded)
+  (dk_global, dv_global), (dk_band, dv_band) = carry
+  d_k, d_v = _key_gradient(plan, dk_global, dk_band), _key_gradient(plan, dv_global, dv_band)
+  return d_q.astype(q.dtype), d_k.astype(q.dtype), d_v.astype(q.dtype)
+
+
+def _key_gradient(plan: _Plan, d_global: jax.Array | None, d_band: jax.Array | None):
+  """The transposed gradients of the global keys, [B, H, D, nG * bs], and of the band's source,
+  [B, H, stop - start + width - g, D, bs] -> [B, H, S, D], each key at its original position."""
+  bs, nb = plan.layout.block_size, plan.layout.num_blocks
+  parts = []
+  if d_global is not None:
+    d_global, blocks = _blocks(d_global.swapaxes(-1, -2), bs), plan.global_blocks
+    if _is_run(blocks):
+      parts.append(_shifted(d_global, -int(blocks[0]), nb))
+    else:
+      source = np.full(nb, len(blocks))
+      source[blocks] = np.arange(len(blocks))
+      parts.append(jnp.take(d_global, source, axis=2, mode="fill", fill_value=0))
+  if d_band is not None:
+    parts.append(_shifted(d_band.swapaxes(-1, -2), -(plan.band_rows[0] + plan.band_offset), nb))
+  return _rows(_flat(sum(parts)), plan.from_padded)
 
 
 _sparse_attention.defvjp(_sparse_fwd, _sparse_bwd)

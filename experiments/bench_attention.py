@@ -9,17 +9,23 @@ What is timed: `jax.vjp` of `attention.attend` on random q, k, v [batch, text_le
 heads, head_dim] and a random output cotangent, returning the output and the three gradients,
 float32, compiled ahead of time (compilation apart). Dense attention computes every score whatever
 the mask, so it is timed once (with the row mask). All programs take turns call by call for
-`--repeats` rounds, so that a change in the machine's load hits them alike; the table gives
-medians. For each mask and block size: the fraction of non-empty blocks (of the permuted mask for
+`--repeats` rounds, in a new random order each round (the program run just after dense attention
+pays for the memory dense attention released), so that a change in the machine's load hits them
+alike; the table gives medians. For each mask and block size: the fraction of non-empty blocks (of the permuted mask for
 column layers), the speedup over dense, and block-sparse time / (dense time x fraction): 1 would be
-dense attention's efficiency on only the non-empty blocks. The outputs and gradients are checked
-against dense ones (largest absolute difference). The CPU other processes used meanwhile is
-reported (see bench_util).
+dense attention's efficiency on only the non-empty blocks. Also the speedup in this process's CPU
+time (all threads), which other jobs on a shared machine disturb less than wall time, and each
+program's temporary buffers (XLA's temp allocation: under glibc's 32 MiB mmap threshold they are
+reused from call to call; over it they are page-faulted in afresh at every call, which costs dense
+attention about 40% of its time here). The outputs and gradients are checked against dense ones
+(largest absolute difference). The CPU other processes used meanwhile is reported (see
+bench_util).
 """
 
 import datetime
 import json
 import os
+import random
 import statistics
 import time
 
@@ -56,18 +62,23 @@ def compiled_fwd_bwd(attend, args):
   return compiled, time.perf_counter() - start
 
 
-def time_in_turns(programs: dict, args, repeats: int) -> tuple[dict, float]:
-  """Seconds of each call of each program, the programs taking turns; and the foreign load."""
+def time_in_turns(programs: dict, args, repeats: int) -> tuple[dict, dict, float]:
+  """Wall and CPU seconds of each call of each program, the programs taking turns; and the
+  foreign load."""
   for fn in programs.values():
     jax.block_until_ready(fn(*args))  # warm-up
   seconds = {name: [] for name in programs}
+  cpu = {name: [] for name in programs}
+  order, shuffle = list(programs.items()), random.Random(0).shuffle
   before, wall = bench_util.cpu_seconds(), time.perf_counter()
   for _ in range(repeats):
-    for name, fn in programs.items():
-      start = time.perf_counter()
+    shuffle(order)
+    for name, fn in order:
+      start, start_cpu = time.perf_counter(), time.process_time()
       jax.block_until_ready(fn(*args))
       seconds[name].append(time.perf_counter() - start)
-  return seconds, bench_util.foreign_load(before, time.perf_counter() - wall)
+      cpu[name].append(time.process_time() - start_cpu)
+  return seconds, cpu, bench_util.foreign_load(before, time.perf_counter() - wall)
 
 
 def main(argv):
@@ -107,28 +118,35 @@ def main(argv):
     for name in (n for n in programs if n.startswith(kind + "/")):
       errors[name] = max(float(jnp.abs(a - b).max()) for a, b in zip(programs[name](*args),
                                                                      expected))
-  seconds, load = time_in_turns(programs, args, _REPEATS.value)
-  dense_s = statistics.median(seconds["dense"])
+  seconds, cpu, load = time_in_turns(programs, args, _REPEATS.value)
+  temp_mib = {name: fn.memory_analysis().temp_size_in_bytes / 2**20
+              for name, fn in programs.items()}
+  dense_s, dense_cpu = statistics.median(seconds["dense"]), statistics.median(cpu["dense"])
   print(f"\nattention forward + backward: batch {shape[0]}, seq {text_len} + {grid}x{grid} = "
         f"{seq}, {shape[2]} heads of {shape[3]}, float32; median of {_REPEATS.value} rounds; "
         f"{results['cores']} cores ({results['cpu']}), jax {jax.__version__}; "
         f"GLIBC_TUNABLES={results['glibc_tunables'] or '(unset)'}\n")
-  print(f"dense: {dense_s * 1e3:.1f} ms (min {min(seconds['dense']) * 1e3:.1f}; compile "
+  print(f"dense: {dense_s * 1e3:.1f} ms (min {min(seconds['dense']) * 1e3:.1f}; CPU "
+        f"{dense_cpu * 1e3:.1f} ms; temp {temp_mib['dense']:.0f} MiB; compile "
         f"{compile_s['dense']:.1f} s)\n")
   print("| mask | block | non-empty blocks | block-sparse | speedup | / (dense x fraction) "
-        "| max abs diff | compile |")
-  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        "| CPU speedup | temp | max abs diff | compile |")
+  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   for name, fraction in fractions.items():
-    sparse_s = statistics.median(seconds[name])
+    sparse_s, sparse_cpu = statistics.median(seconds[name]), statistics.median(cpu[name])
     kind, block_size = name.split("/")
     results["runs"][name] = {"fraction": fraction, "median_s": sparse_s, "times_s": seconds[name],
                              "speedup": dense_s / sparse_s,
                              "ratio_to_dense_x_fraction": sparse_s / (dense_s * fraction),
-                             "max_abs_diff": errors[name], "compile_s": compile_s[name]}
+                             "cpu_median_s": sparse_cpu, "cpu_speedup": dense_cpu / sparse_cpu,
+                             "temp_mib": temp_mib[name], "max_abs_diff": errors[name],
+                             "compile_s": compile_s[name]}
     print(f"| {kind} | {block_size} | {fraction:.1%} | {sparse_s * 1e3:.1f} ms | "
           f"{dense_s / sparse_s:.2f}x | {sparse_s / (dense_s * fraction):.2f} | "
+          f"{dense_cpu / sparse_cpu:.2f}x | {temp_mib[name]:.0f} MiB | "
           f"{errors[name]:.1e} | {compile_s[name]:.1f} s |")
   results["dense"] = {"median_s": dense_s, "times_s": seconds["dense"],
+                      "cpu_median_s": dense_cpu, "temp_mib": temp_mib["dense"],
                       "compile_s": compile_s["dense"]}
   results["foreign_load_cores"] = load
   print(f"\nCPU used by other processes meanwhile: {load:.2f} cores")

@@ -33,13 +33,25 @@ def _assert_close(dense, sparse, tolerance=1e-5):
                                atol=tolerance, rtol=tolerance, err_msg=name)
 
 
+@pytest.fixture
+def fresh_plans():
+  """Plans built under the test's patches, and none of them left cached after it."""
+  block_sparse._plan_for.cache_clear()
+  yield
+  block_sparse._plan_for.cache_clear()
+
+
 # Text lengths and grids that leave seq off every block size (23, 74, 42), so padding is tested.
 _GEOMETRIES = {4: (7, 4, 4), 8: (10, 8, 8), 16: (6, 6, 6)}
 
 
+@pytest.mark.parametrize("free_copies", [False, True])
 @pytest.mark.parametrize("block_size", sorted(_GEOMETRIES))
 @pytest.mark.parametrize("kind", masks.KINDS)
-def test_outputs_and_gradients_equal_dense_attention(kind, block_size):
+def test_outputs_and_gradients_equal_dense_attention(kind, block_size, free_copies, monkeypatch,
+                                                     fresh_plans):
+  if free_copies:  # the widest band the tiles allow: at these sizes copies would make it global
+    monkeypatch.setattr(block_sparse, "_COPY_COST", 0.0)
   text_len, height, width = _GEOMETRIES[block_size]
   mask = masks.attention_mask(kind, text_len, height, width, kernel=3)
   assert mask.shape[0] % block_size
@@ -54,10 +66,13 @@ def test_column_mask_is_also_exact_in_raster_order():
   _assert_close(*_dense_and_sparse(mask, 4))
 
 
-def test_arbitrary_mask_permutation_and_unattended_keys():
+@pytest.mark.parametrize("permute", [False, True])
+def test_arbitrary_mask_permutation_and_unattended_keys(permute, monkeypatch, fresh_plans):
   # Random band with holes, two keys every query sees, rows that see only key 5, a key nobody
-  # sees, and a random permutation: global key blocks that are not a run, local query blocks
-  # that are not a run, keys that must come back from a gather.
+  # sees: global key blocks that are not a run and a band with empty slots (window copies
+  # counted free, so that the band is not all made global); permuted, keys that must come back
+  # from a gather.
+  monkeypatch.setattr(block_sparse, "_COPY_COST", 0.0)
   rng = np.random.default_rng(3)
   seq = 29
   i, j = np.arange(seq)[:, None], np.arange(seq)[None, :]
@@ -67,9 +82,14 @@ def test_arbitrary_mask_permutation_and_unattended_keys():
   mask[8:12, 5] = True
   mask[:, seq - 3] = False
   mask[~mask.any(1), 0] = True
-  _assert_close(*_dense_and_sparse(mask, 2, permutation=rng.permutation(seq), seed=1))
-  plan = block_sparse._plan(mask, 2, None)
-  assert not block_sparse._is_run(plan.local_rows)  # the general paths were taken
+  permutation = rng.permutation(seq) if permute else None
+  _assert_close(*_dense_and_sparse(mask, 2, permutation=permutation, seed=1))
+  plan = block_sparse._plan(mask, 2, permutation, head_dim=8)
+  if permute:
+    assert not block_sparse._is_run(plan.from_padded)
+  else:  # the general paths were taken
+    assert not block_sparse._is_run(plan.global_blocks) and plan.band_width > 1
+    assert not plan.band_mask.reshape(-1, 2, plan.band_width, 2).any((1, 3)).all()
 
 
 def test_bfloat16_inputs_give_bfloat16_results_close_to_dense():
@@ -134,10 +154,36 @@ def test_padding_queries_see_only_themselves_and_padding_keys_nothing():
 def test_text_blocks_are_global_and_the_image_band_local():
   # Text 8 + 4x4 in blocks of 4: text blocks 0, 1 are scored against every query; each image
   # block attends its own block and the previous one (row attention reaches back W + 1 = 5).
-  plan = block_sparse._plan(masks.attention_mask("row", 8, 4, 4), 4, None)
+  # (Heads of 4: with more dimensions, copying keys into the band's windows would cost as much
+  # as scoring the whole image against every query.)
+  plan = block_sparse._plan(masks.attention_mask("row", 8, 4, 4), 4, None, head_dim=4)
   np.testing.assert_array_equal(plan.global_blocks, [0, 1])
-  np.testing.assert_array_equal(plan.local_rows, [2, 3, 4, 5])
-  np.testing.assert_array_equal(plan.local_blocks, [[2, 0], [2, 3], [3, 4], [4, 5]])
+  assert plan.band_rows == (2, 6) and plan.band_group == 1 and plan.band_offset == -1
+  # Band row i's window is blocks i - 1, i; for the first image block, i - 1 is text: global.
+  windows = plan.band_mask.reshape(4, 4, 2, 4).any((1, 3))
+  np.testing.assert_array_equal(windows, [[0, 1], [1, 1], [1, 1], [1, 1]])
+
+
+@pytest.mark.parametrize("group, per_chunk, band", [
+    (3, 1, (1, 10, 3)),  # groups of 3 pull a text block into the band: 3 scan steps of a group
+    (1, 3, (2, 10, 3)),  # single blocks, 3 per chunk: 2 scan steps and a remainder of 2
+])
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_band_groups_and_chunks_equal_dense(kind, group, per_chunk, band, monkeypatch,
+                                            fresh_plans):
+  text_len, height, width = _GEOMETRIES[8]
+  mask = masks.attention_mask(kind, text_len, height, width, kernel=3)
+  permutation = None
+  if kind == "column":
+    permutation = masks.column_major_permutation(text_len, height, width)
+  monkeypatch.setattr(block_sparse, "_band_group", lambda *_: group)
+  plan = block_sparse._plan(mask, 8, permutation, head_dim=8)
+  assert plan.band_group == group
+  keys = (len(plan.global_blocks) + plan.band_width) * 8
+  monkeypatch.setattr(block_sparse, "_CHUNK_SCORES", per_chunk * 4 * 8 * keys * group)
+  segment = block_sparse._segments(plan, batch_heads=4)[-1]
+  assert (segment.start, segment.stop, segment.size) == band and segment.band
+  _assert_close(*_dense_and_sparse(mask, 8, permutation))
 
 
 def test_column_major_order_makes_the_paper_column_mask_a_band():
