@@ -98,6 +98,9 @@ def main(argv):
   row_mask = masks.attention_mask("row", text_len, grid, grid, _KERNEL.value)
   programs["dense"], compile_s["dense"] = compiled_fwd_bwd(
       lambda q, k, v: attention.attend(q, k, v, row_mask, "dense"), args)
+  # jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU, XLA elsewhere (a second baseline).
+  programs["fused"], compile_s["fused"] = compiled_fwd_bwd(
+      lambda q, k, v: attention.attend(q, k, v, row_mask, "fused"), args)
   for kind in _KINDS.value:
     mask = masks.attention_mask(kind, text_len, grid, grid, _KERNEL.value)
     perm = masks.column_major_permutation(text_len, grid, grid) if kind == "column" else None
@@ -128,7 +131,11 @@ def main(argv):
         f"GLIBC_TUNABLES={results['glibc_tunables'] or '(unset)'}\n")
   print(f"dense: {dense_s * 1e3:.1f} ms (min {min(seconds['dense']) * 1e3:.1f}; CPU "
         f"{dense_cpu * 1e3:.1f} ms; temp {temp_mib['dense']:.0f} MiB; compile "
-        f"{compile_s['dense']:.1f} s)\n")
+        f"{compile_s['dense']:.1f} s)")
+  fused_s = statistics.median(seconds["fused"])
+  print(f"fused (jax.nn.dot_product_attention, {jax.default_backend()}): {fused_s * 1e3:.1f} ms, "
+        f"{dense_s / fused_s:.2f}x dense\n")
+  results["fused_median_s"] = fused_s
   print("| mask | block | non-empty blocks | block-sparse | speedup | / (dense x fraction) "
         "| CPU speedup | temp | max abs diff | compile |")
   print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -99,12 +99,14 @@ def test_bfloat16_and_remat_match_float32():
   assert jax.tree.leaves(params)[0].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("kinds", [None, ("axial_row", "axial_col", "dense", "conv")])
-def test_block_sparse_layers_match_dense_ones(kinds):
+@pytest.mark.parametrize("kinds, implementation", [
+    (None, "block_sparse"), (("axial_row", "axial_col", "dense", "conv"), "block_sparse"),
+    (None, "fused")])
+def test_block_sparse_and_fused_layers_match_dense_ones(kinds, implementation):
   # Block size 4 over 8 + 16 positions: empty, partial and full blocks in every mask, and the
-  # column layers run in column-major order.
+  # column layers run in column-major order. "fused" is jax.nn.dot_product_attention (XLA here).
   dense = dataclasses.replace(TINY, layer_kinds=kinds)
-  sparse = dataclasses.replace(dense, attention="block_sparse", attention_block_size=4)
+  sparse = dataclasses.replace(dense, attention=implementation, attention_block_size=4)
   text, codes = _batch(TINY)
   params = _params(TINY)
 
