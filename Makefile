@@ -8,6 +8,7 @@ DEBIAN_PACKAGES := fonts-noto-color-emoji unicode-data
 DEBIAN_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unicode/emoji/emoji-test.txt
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OUT ?= demo_out
+DATASET ?= shapes
 
 .PHONY: setup debian-packages test demo clean
 
@@ -39,10 +40,11 @@ test: setup
 
 # The main job: tokenizer, dVAE, encoding, reranker, transformer and reranked samples on the
 # shapes set, into $(OUT)/ (samples.png, reconstructions.png, loss_curves.png, metrics.json).
-# STEPS_SCALE=4 make demo trains every stage four times longer.
+# STEPS_SCALE=4 make demo trains every stage four times longer; DATASET=emoji make demo uses the
+# emoji set (32x32, longer) instead of shapes.
 STEPS_SCALE ?= 1
 demo: setup
-	$(PY) experiments/demo.py --out=$(OUT) --steps_scale=$(STEPS_SCALE)
+	$(PY) experiments/demo.py --out=$(OUT) --steps_scale=$(STEPS_SCALE) --dataset=$(DATASET)
 
 clean:
 	rm -rf $(VENV) $(OUT) *.egg-info

@@ -2,25 +2,29 @@
 
   python experiments/demo.py --out=demo_out                   # shapes, about 15 minutes on 2 cores
   python experiments/demo.py --out=demo_out --steps_scale=4   # longer runs, better samples
+  python experiments/demo.py --out=demo_emoji --dataset=emoji # emoji at 32x32, about 25 minutes
 
 Runs every stage's script in turn, each in its own workdir under `--out/work` (so a killed demo
 started again resumes where it stopped: every stage resumes or skips finished work):
 
   train_tokenizer.py -> train_dvae.py -> encode_dataset.py (train and held-out splits)
   -> train_reranker.py -> train_transformer.py -> sample.py (held-out and training captions,
-  reranked) -> eval_zero_shot.py (the share of samples with every captioned attribute)
+  reranked) -> eval_zero_shot.py (shapes: the share of samples with every captioned attribute;
+  emoji: the share nearest to their own variant among the family's renders)
 
-and writes into `--out`: samples.png (captioned grid; held-out compositions framed in red),
+and writes into `--out`: samples.png (captioned grid; held-out captions framed in red),
 reconstructions.png (dVAE input beside output), loss_curves.png, zero_shot.png (judged samples)
-and metrics.json.
+and metrics.json. What differs between the datasets is one entry of `PLANS`.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from typing import Callable
 
 from absl import app, flags
 import numpy as np
@@ -28,20 +32,11 @@ from PIL import Image
 
 from dalle_jax import image_grid, plots
 from dalle_jax.data import codes as codes_lib
-from dalle_jax.data import shapes
+from dalle_jax.data import emoji, shapes
 
-_OUT = flags.DEFINE_string("out", "demo_out", "Output directory.")
-_STEPS_SCALE = flags.DEFINE_float("steps_scale", 1.0, "Multiplies every stage's training steps.")
-_SAMPLES = flags.DEFINE_integer("samples_per_caption", 4, "Images shown per caption.")
-_CANDIDATES = flags.DEFINE_integer("candidates", 16, "Samples drawn per caption for reranking.")
-_ZERO_SHOT_CAPTIONS = flags.DEFINE_integer("zero_shot_captions", 48, "Captions per split "
-                                           "(held-out, training) judged by eval_zero_shot.py.")
-
+FLAGS = flags.FLAGS  # defined by define_flags(), below
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "configs")
-# Stage lengths at --steps_scale=1, chosen so that the whole demo fits 15 minutes on 2 cores.
-STEPS = {"dvae": 1_500, "reranker": 600, "transformer": 1_500}
-NUM_TRAIN, NUM_HELDOUT = 20_000, 512
 
 
 def run(stage: str, script: str, *args: str, timings: dict) -> None:
@@ -50,15 +45,6 @@ def run(stage: str, script: str, *args: str, timings: dict) -> None:
   start = time.time()
   subprocess.run([sys.executable, os.path.join(HERE, script), *args], check=True)
   timings[stage] = round(timings.get(stage, 0.0) + time.time() - start, 1)
-
-
-def demo_captions() -> tuple[list[str], list[bool]]:
-  """Captions to draw: held-out colour-shape compositions first, then training ones."""
-  heldout = [shapes.canonical_caption(s) for s in shapes.all_scenes("heldout")
-             if len(s.objects) == 1][::37][:5]
-  train = [shapes.canonical_caption(s) for s in shapes.all_scenes("train")
-           if len(s.objects) == 1][::101][:3]
-  return heldout + train, [True] * len(heldout) + [False] * len(train)
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -73,10 +59,54 @@ def unigram_entropy(codes: np.ndarray, vocab: int) -> float:
   return float(-(p * np.log(p)).sum())
 
 
-def zero_shot_summary(path: str) -> dict:
+# ---------------------------------------------------------------------------------------------
+# What differs per dataset: one entry of PLANS each.
+# ---------------------------------------------------------------------------------------------
+
+
+def shapes_captions() -> tuple[list[str], list[bool]]:
+  """Captions to draw: held-out colour-shape compositions first, then training ones."""
+  heldout = [shapes.canonical_caption(s) for s in shapes.all_scenes("heldout")
+             if len(s.objects) == 1][::37][:5]
+  train = [shapes.canonical_caption(s) for s in shapes.all_scenes("train")
+           if len(s.objects) == 1][::101][:3]
+  return heldout + train, [True] * len(heldout) + [False] * len(train)
+
+
+def emoji_captions() -> tuple[list[str], list[bool]]:
+  """Captions to draw: the held-out skin tone of five families (their other tones are trained),
+  then a trained tone of the first three, to compare."""
+  entries = emoji.load_emoji_entries()
+  families = emoji.group_by_family(entries)
+  toned = {}  # family -> its first held-out entry that differs by a skin tone alone
+  for entry in entries:
+    if entry.heldout and entry.variant in emoji.SKIN_TONES:
+      toned.setdefault(entry.family, entry)
+  picked = list(toned.values())
+  heldout = [picked[i] for i in np.linspace(0, len(picked) - 1, 5).astype(int)]
+  train = [next(m for m in families[e.family] if not m.heldout and m.variant in emoji.SKIN_TONES)
+           for e in heldout[:3]]
+  return [e.name for e in heldout + train], [True] * len(heldout) + [False] * len(train)
+
+
+def shapes_tokenizer_flags(work: str) -> list[str]:
+  """train_tokenizer.py draws 20,000 shapes captions itself."""
+  del work
+  return ["--dataset=shapes", "--num_captions=20000", "--vocab_size=400", "--text_len=24"]
+
+
+def emoji_tokenizer_flags(work: str) -> list[str]:
+  """Writes the training split's names for train_tokenizer.py: held-out names stay unseen."""
+  path = os.path.join(work, "emoji_train_captions.txt")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("".join(e.name + "\n" for e in emoji.load_emoji_entries() if not e.heldout))
+  # 768 pieces split the longest name ("couple with heart: woman, man, medium-dark skin tone,
+  # medium-light skin tone") into 19, and BPE-dropout into at most 21: 24 positions hold any.
+  return [f"--captions_file={path}", "--vocab_size=768", "--text_len=24"]
+
+
+def shapes_summary(results: dict) -> dict:
   """The headline figures of eval_zero_shot.py's JSON: all attributes right, per split."""
-  with open(path) as f:
-    results = json.load(f)
   return {"heldout_accuracy": results["heldout_accuracy"],
           "train_accuracy": results["train_accuracy"],
           "chance_accuracy": results["chance_accuracy"],
@@ -85,45 +115,107 @@ def zero_shot_summary(path: str) -> dict:
           "images_per_split": results["heldout"]["count"]}
 
 
+def emoji_summary(results: dict) -> dict:
+  """The headline figures of eval_zero_shot.py's JSON: the own variant retrieved, per split."""
+  held = results["heldout"]
+  return {"heldout_accuracy": results["heldout_accuracy"],
+          "train_accuracy": results["train_accuracy"],
+          "chance_accuracy": results["chance_accuracy"],
+          "heldout_tone_accuracy": held["tone_accuracy"],
+          "tone_chance_accuracy": held["tone_chance"],
+          "dvae_ceiling": held["dvae_reconstruction_accuracy"],
+          "images_per_split": held["count"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Everything the demo does differently per dataset."""
+  steps: dict[str, int]  # stage lengths at --steps_scale=1
+  tokenizer_flags: Callable[[str], list[str]]  # the work dir -> train_tokenizer.py's data flags
+  dvae_config: str  # file names under experiments/configs
+  reranker_config: str
+  transformer_config: str
+  encode_counts: dict[str, int | None]  # split -> encode_dataset.py --num_examples (None: all)
+  captions: Callable[[], tuple[list[str], list[bool]]]  # for samples.png, and which are held out
+  zero_shot_summary: Callable[[dict], dict]  # eval_zero_shot.py's JSON -> metrics.json's part
+
+
+PLANS = {
+    # Chosen so that the whole demo fits 15 minutes on 2 cores.
+    "shapes": Plan(
+        steps={"dvae": 1_500, "reranker": 600, "transformer": 1_500},
+        tokenizer_flags=shapes_tokenizer_flags, dvae_config="dvae_shapes.py",
+        reranker_config="reranker_small.py", transformer_config="transformer_small.py",
+        encode_counts={"train": 20_000, "heldout": 512}, captions=shapes_captions,
+        zero_shot_summary=shapes_summary),
+    # 3,172 training emoji: the dVAE needs twice the shapes' steps for their colours, and the
+    # transformer sees each caption about 20 times.
+    "emoji": Plan(
+        steps={"dvae": 3_000, "reranker": 600, "transformer": 2_000},
+        tokenizer_flags=emoji_tokenizer_flags, dvae_config="dvae_emoji32.py",
+        reranker_config="reranker_emoji32.py", transformer_config="transformer_emoji32.py",
+        encode_counts={"train": None, "heldout": None}, captions=emoji_captions,
+        zero_shot_summary=emoji_summary),
+}
+
+
+def check_dataset(work: str, dataset: str) -> None:
+  """Records which dataset `work` holds; refuses to resume another's stages in it."""
+  marker = os.path.join(work, "dataset")
+  if os.path.exists(marker):
+    with open(marker) as f:
+      held = f.read().strip()
+  else:  # demos from before --dataset left no marker, and were all shapes
+    held = "shapes" if os.path.isdir(os.path.join(work, "dvae")) else dataset
+  if held != dataset:
+    raise app.UsageError(f"{work} holds the {held} demo's stages: pass another --out for "
+                         f"--dataset={dataset}")
+  os.makedirs(work, exist_ok=True)
+  with open(marker, "w") as f:
+    f.write(dataset + "\n")
+
+
 def main(argv):
   del argv
-  out = os.path.abspath(_OUT.value)
+  plan = PLANS[FLAGS.dataset]
+  out = os.path.abspath(FLAGS.out)
   work = os.path.join(out, "work")
-  os.makedirs(work, exist_ok=True)
-  steps = {k: max(1, round(v * _STEPS_SCALE.value)) for k, v in STEPS.items()}
+  check_dataset(work, FLAGS.dataset)
+  steps = {k: max(1, round(v * FLAGS.steps_scale)) for k, v in plan.steps.items()}
   path = lambda *p: os.path.join(work, *p)
   timings = {}
 
-  run("tokenizer", "train_tokenizer.py", "--dataset=shapes", "--num_captions=20000",
-      "--vocab_size=400", "--text_len=24", f"--out_dir={path('tokenizer')}", timings=timings)
-  run("dvae", "train_dvae.py", f"--config={CONFIGS}/dvae_shapes.py",
+  run("tokenizer", "train_tokenizer.py", *plan.tokenizer_flags(work),
+      f"--out_dir={path('tokenizer')}", timings=timings)
+  run("dvae", "train_dvae.py", f"--config={CONFIGS}/{plan.dvae_config}",
       f"--workdir={path('dvae')}", f"--config.train.num_steps={steps['dvae']}", timings=timings)
-  for split, count in (("train", NUM_TRAIN), ("heldout", NUM_HELDOUT)):
+  for split, count in plan.encode_counts.items():
     run(f"encode_{split}", "encode_dataset.py", f"--dvae_workdir={path('dvae')}",
-        "--dataset=shapes", f"--split={split}", f"--num_examples={count}",
+        f"--dataset={FLAGS.dataset}", f"--split={split}",
+        *([f"--num_examples={count}"] if count else []),
         f"--out_dir={path('codes_' + split)}", "--batch_size=128", "--shard_size=4096",
         timings=timings)
-  run("reranker", "train_reranker.py", f"--config={CONFIGS}/reranker_small.py",
+  run("reranker", "train_reranker.py", f"--config={CONFIGS}/{plan.reranker_config}",
       f"--workdir={path('reranker')}", f"--config.train.num_steps={steps['reranker']}",
       f"--config.data.tokenizer_dir={path('tokenizer')}", timings=timings)
-  run("transformer", "train_transformer.py", f"--config={CONFIGS}/transformer_small.py",
+  run("transformer", "train_transformer.py", f"--config={CONFIGS}/{plan.transformer_config}",
       f"--workdir={path('transformer')}", f"--config.train.num_steps={steps['transformer']}",
       f"--config.data.codes_dir={path('codes_train')}",
       f"--config.data.eval_codes_dir={path('codes_heldout')}",
       f"--config.data.tokenizer_dir={path('tokenizer')}",
       f"--config.data.dvae_workdir={path('dvae')}", timings=timings)
 
-  captions, heldout = demo_captions()
+  captions, heldout = plan.captions()
   with open(path("prompts.txt"), "w") as f:
     f.write("\n".join(captions) + "\n")
   run("sample", "sample.py", f"--checkpoint={path('transformer')}",
-      f"--prompts_file={path('prompts.txt')}", f"--num_samples={_SAMPLES.value}",
-      f"--rerank={_CANDIDATES.value}", f"--keep={_SAMPLES.value}",
+      f"--prompts_file={path('prompts.txt')}", f"--num_samples={FLAGS.samples_per_caption}",
+      f"--rerank={FLAGS.candidates}", f"--keep={FLAGS.samples_per_caption}",
       f"--reranker={path('reranker')}", f"--out={path('samples')}", "--batch_size=32",
       timings=timings)
 
   run("zero_shot", "eval_zero_shot.py", f"--transformer_workdir={path('transformer')}",
-      "--dataset=shapes", f"--num_captions={_ZERO_SHOT_CAPTIONS.value}",
+      f"--dataset={FLAGS.dataset}", f"--num_captions={FLAGS.zero_shot_captions}",
       "--samples_per_caption=2", "--batch_size=32", f"--out={path('zero_shot.json')}",
       f"--grid={os.path.join(out, 'zero_shot.png')}", timings=timings)
 
@@ -136,7 +228,7 @@ def main(argv):
       images.append(np.asarray(Image.open(path("samples", sample["file"])).convert("RGB")))
       labels.append(prompt["prompt"] + (" (held out)" if is_heldout else ""))
       marks.append(is_heldout)
-  image_grid.captioned_grid(images, labels, columns=_SAMPLES.value, tile_size=128,
+  image_grid.captioned_grid(images, labels, columns=FLAGS.samples_per_caption, tile_size=128,
                             marked=marks).save(os.path.join(out, "samples.png"))
   reconstructions = sorted(os.listdir(path("dvae", "reconstructions")),
                            key=lambda name: int(name.split("_")[1].split(".")[0]))
@@ -157,14 +249,17 @@ def main(argv):
   ]).save(os.path.join(out, "loss_curves.png"))
 
   last = lambda log, key: next((r[key] for r in reversed(log) if key in r), None)
+  with open(path("zero_shot.json")) as f:
+    zero_shot = plan.zero_shot_summary(json.load(f))
   metrics = {
+      "dataset": FLAGS.dataset,
       "steps": steps,
       "dvae": {k: last(dvae_log, k) for k in ("eval/psnr", "eval/perplexity", "eval/codes_used")},
       "transformer": {k: last(transformer_log, k) for k in
                       ("loss", "text_loss", "image_loss", "eval/loss", "eval/text_loss",
                        "eval/image_loss")},
       "image_unigram_entropy_nats": unigram,
-      "zero_shot": zero_shot_summary(path("zero_shot.json")),
+      "zero_shot": zero_shot,
       "seconds": timings,
       "total_minutes": round(sum(timings.values()) / 60, 1),
   }
@@ -174,5 +269,21 @@ def main(argv):
   print(f"\nwrote {out}/samples.png, reconstructions.png, loss_curves.png, metrics.json")
 
 
+# ---------------------------------------------------------------------------------------------
+# The script. Flags are defined only when run as one, so that tests can import PLANS.
+# ---------------------------------------------------------------------------------------------
+
+
+def define_flags() -> None:
+  flags.DEFINE_enum("dataset", "shapes", list(PLANS), "What the demo learns.")
+  flags.DEFINE_string("out", "demo_out", "Output directory.")
+  flags.DEFINE_float("steps_scale", 1.0, "Multiplies every stage's training steps.")
+  flags.DEFINE_integer("samples_per_caption", 4, "Images shown per caption.")
+  flags.DEFINE_integer("candidates", 16, "Samples drawn per caption for reranking.")
+  flags.DEFINE_integer("zero_shot_captions", 48, "Captions per split (held-out, training) "
+                       "judged by eval_zero_shot.py.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
