@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -65,6 +65,21 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `tree` with the given shardings, the target of `Checkpointer.restore`."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+def restore_or_create(checkpointer: Checkpointer, init_state: Callable[[jax.Array], Any],
+                      create_state: Callable[[], Any], shardings: Any
+                      ) -> tuple[Any, dict[str, Any] | None]:
+  """A launch's start: the latest complete checkpoint's (state, extras), else (fresh state, None).
+
+  `init_state(rng)` is traced for shapes only (nothing allocated): it says what to restore into,
+  laid out by `shardings`. `create_state()` makes the fresh state directly into its shards.
+  """
+  abstract = abstract_like(jax.eval_shape(init_state, jax.random.key(0)), shardings)
+  restored = checkpointer.restore(abstract)
+  if restored is None:
+    return create_state(), None
+  return restored
 
 
 def restore_run(workdir: str, abstract_state: Any, step: int | None = None) -> Any:

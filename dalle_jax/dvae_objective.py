@@ -16,7 +16,8 @@ import numpy as np
 from dalle_jax import dvae
 
 
-def logit_laplace_nll(x: jax.Array, stats: jax.Array) -> jax.Array:
+def logit_laplace_nll(x: jax.Array, stats: jax.Array,
+                      min_log_scale: float | None = None) -> jax.Array:
   """-log f(x | mu, b) summed over pixels: f32[B].
 
   f(x | mu, b) = 1 / (2 b x (1 - x)) * exp(-|logit(x) - mu| / b), with x mapped pixels in (0, 1).
@@ -24,8 +25,13 @@ def logit_laplace_nll(x: jax.Array, stats: jax.Array) -> jax.Array:
   Args:
     x: mapped pixels f32[B, H, W, 3] (see `dvae.map_pixels`).
     stats: decoder output f32[B, H, W, 6]: mu in channels 0-2, ln b in 3-5.
+    min_log_scale: a floor on ln b (not the paper's). On images with large flat areas the scale
+      there shrinks without bound, 1/b grows a hundredfold and the loss, and its gradient, become
+      nearly all background; the floor bounds that weight. None: no floor.
   """
   mu, log_b = stats[..., :3], stats[..., 3:]
+  if min_log_scale is not None:
+    log_b = jnp.maximum(log_b, min_log_scale)
   log_x, log_1mx = jnp.log(x), jnp.log1p(-x)
   nll = (jnp.log(2.0) + log_b + log_x + log_1mx
          + jnp.abs(log_x - log_1mx - mu) * jnp.exp(-log_b))
@@ -54,12 +60,14 @@ def code_statistics(codes: jax.Array, vocab_size: int) -> dict[str, jax.Array]:
 
 
 def relaxed_elb(config: dvae.DVAEConfig, params: dict, images: jax.Array, rng: jax.Array,
-                tau: jax.Array, beta: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+                tau: jax.Array, beta: jax.Array, min_log_scale: float | None = None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training loss (mean over the batch, per pixel dimension) and its parts.
 
   Args:
     images: uint8[B, H, W, 3].
     tau: Gumbel-softmax temperature; beta: weight of the KL term.
+    min_log_scale: floor on the decoder's ln b (see `logit_laplace_nll`); None for the paper's.
 
   Returns:
     loss, and metrics: `nll_bpd` (reconstruction, bits per dimension), `kl_bpd`,
@@ -69,7 +77,7 @@ def relaxed_elb(config: dvae.DVAEConfig, params: dict, images: jax.Array, rng: j
   logits = dvae.Encoder(config).apply({"params": params["encoder"]}, x)
   z = gumbel_softmax(rng, logits, tau)
   stats = dvae.Decoder(config).apply({"params": params["decoder"]}, z)
-  nll = logit_laplace_nll(x, stats)
+  nll = logit_laplace_nll(x, stats, min_log_scale)
   kl = kl_to_uniform(logits)
   dims = np.prod(images.shape[1:])
   loss = jnp.mean(nll + beta * kl) / dims

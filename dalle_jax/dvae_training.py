@@ -37,6 +37,7 @@ class DVAETrainConfig:
   tau_start: float = 1.0
   tau_end: float = 1.0 / 16
   tau_steps: int = 150_000
+  min_log_scale: float | None = None  # floor on the decoder's ln b; not the paper's (no floor)
   schedule_scale: float = 1.0
   adam_b1: float = 0.9
   adam_b2: float = 0.999
@@ -116,7 +117,8 @@ def train_step(model: dvae.DVAEConfig, train: DVAETrainConfig, state: TrainState
   beta = train.beta_schedule()(state.step)
 
   def loss_fn(params):
-    return dvae_objective.relaxed_elb(model, params, images, step_rng, tau, beta)
+    return dvae_objective.relaxed_elb(model, params, images, step_rng, tau, beta,
+                                      train.min_log_scale)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state, update_metrics = train_state.apply_gradients(state, grads, loss,

@@ -56,3 +56,22 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array,
                             ema_params=keep(ema, state.ema_params),
                             nonfinite_steps=state.nonfinite_steps + 1 - finite.astype(jnp.int32))
   return new_state, {"grad_norm": grad_norm, "nonfinite": 1 - finite.astype(jnp.int32)}
+
+
+class NonfiniteWatch:
+  """The launch scripts' side of skipped steps: stop at the first new one, or count them."""
+
+  def __init__(self, state: TrainState, on_nonfinite: str):
+    self.seen = int(state.nonfinite_steps)
+    self.stop = on_nonfinite == "stop"
+
+  def check(self, state: TrainState, step: int, last_good_step: int | None) -> int:
+    """The count of skipped steps so far; raises if a new one came and the policy is "stop"."""
+    count = int(state.nonfinite_steps)
+    if count > self.seen and self.stop:
+      raise FloatingPointError(
+          f"non-finite loss or gradient at or before step {step}; stopping with the last good "
+          f"checkpoint (step {last_good_step}) kept. Lower the learning rate, or set "
+          "--config.train.on_nonfinite=skip to skip such steps and count them.")
+    self.seen = count
+    return count

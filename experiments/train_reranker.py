@@ -19,7 +19,7 @@ import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import checkpointing, launch, metrics_log, rerank, sharding
+from dalle_jax import checkpointing, launch, metrics_log, rerank, sharding, train_state
 from dalle_jax import data as data_lib
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import pipeline
@@ -82,25 +82,22 @@ def main(argv):
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             keep=config.keep_checkpoints,
                                             every=config.checkpoint_every)
-  abstract = checkpointing.abstract_like(
-      jax.eval_shape(lambda: rerank.init_state(model, train, jax.random.key(0))), shardings)
-  restored = checkpointer.restore(abstract)
-  if restored is None:
-    state = rerank.create_sharded_state(model, train, mesh, shardings)
-    tqdm.tqdm.write("starting from scratch")
-  else:
-    state, extras = restored
+  state, extras = checkpointing.restore_or_create(
+      checkpointer, lambda rng: rerank.init_state(model, train, rng),
+      lambda: rerank.create_sharded_state(model, train, mesh, shardings), shardings)
+  if extras is not None:
     loader.set_state(extras["loader"])
-    tqdm.tqdm.write(f"resumed from step {int(state.step)}")
+  tqdm.tqdm.write("starting from scratch" if extras is None
+                  else f"resumed from step {int(state.step)}")
   start = int(state.step)
   train_step = rerank.make_train_step(model, train, mesh, shardings)
   log = metrics_log.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
-                               resume_step=start if restored else None,
+                               resume_step=start if extras is not None else None,
                                enabled=jax.process_index() == 0)
   batch_sharding = sharding.batch_sharding(mesh)
 
   # ---------------------------------------------------------------- loop
-  nonfinite_seen = int(state.nonfinite_steps)
+  nonfinite = train_state.NonfiniteWatch(state, train.on_nonfinite)
   progress = tqdm.tqdm(total=train.num_steps, initial=start, unit="step",
                        disable=jax.process_index() != 0)
   for step in range(start + 1, train.num_steps + 1):
@@ -111,16 +108,10 @@ def main(argv):
 
     due = lambda every: every > 0 and (step % every == 0 or step == train.num_steps)
     if due(config.log_every) or due(config.checkpoint_every):
-      nonfinite = int(state.nonfinite_steps)
-      if nonfinite > nonfinite_seen and train.on_nonfinite == "stop":
-        raise FloatingPointError(
-            f"non-finite loss or gradient at or before step {step}; stopping with the last good "
-            f"checkpoint (step {checkpointer.latest_step()}) kept. Lower the learning rate, or set "
-            "--config.train.on_nonfinite=skip to skip such steps and count them.")
-      nonfinite_seen = nonfinite
+      nonfinite_steps = nonfinite.check(state, step, checkpointer.latest_step())
     if due(config.log_every):
       values = jax.device_get(metrics)
-      log.write(step, {**values, "nonfinite_steps": nonfinite_seen,
+      log.write(step, {**values, "nonfinite_steps": nonfinite_steps,
                        **{f"data/{k}": v for k, v in loader.counts.items()}})
       progress.set_postfix(loss=f"{values['loss']:.3f}", top1=f"{values['top1']:.2f}")
     if eval_batches and due(config.eval_every):

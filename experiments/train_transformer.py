@@ -22,7 +22,7 @@ from ml_collections import config_flags
 import tqdm
 
 from dalle_jax import (checkpointing, dvae_training, image_grid, launch, metrics_log, sampling,
-                       sharding, tensorboard, transformer_training)
+                       sharding, tensorboard, train_state, transformer_training)
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import codes as codes_lib
 from dalle_jax.transformer import TransformerConfig
@@ -132,22 +132,18 @@ def main(argv):
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             keep=config.keep_checkpoints,
                                             every=config.checkpoint_every)
-  abstract = checkpointing.abstract_like(
-      jax.eval_shape(lambda: transformer_training.init_state(model, train, jax.random.key(0))),
-      shardings)
-  restored = checkpointer.restore(abstract)
-  if restored is None:
-    state = transformer_training.create_sharded_state(model, train, mesh, shardings)
-    tqdm.tqdm.write("starting from scratch")
-  else:
-    state, extras = restored
+  state, extras = checkpointing.restore_or_create(
+      checkpointer, lambda rng: transformer_training.init_state(model, train, rng),
+      lambda: transformer_training.create_sharded_state(model, train, mesh, shardings), shardings)
+  if extras is not None:
     batches.set_state(extras["data"])
-    tqdm.tqdm.write(f"resumed from step {int(state.step)}")
+  tqdm.tqdm.write("starting from scratch" if extras is None
+                  else f"resumed from step {int(state.step)}")
   start = int(state.step)
   train_step = transformer_training.make_train_step(model, train, mesh, shardings)
   eval_step = transformer_training.make_eval_step(model, mesh, shardings.params)
   log = metrics_log.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
-                               resume_step=start if restored else None,
+                               resume_step=start if extras is not None else None,
                                enabled=jax.process_index() == 0)
   events = (tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
             if jax.process_index() == 0 else None)
@@ -166,7 +162,7 @@ def main(argv):
       events.scalars(step, {k: float(v) for k, v in values.items() if np.ndim(v) == 0})
 
   # ---------------------------------------------------------------- loop
-  nonfinite_seen = int(state.nonfinite_steps)
+  nonfinite = train_state.NonfiniteWatch(state, train.on_nonfinite)
   progress = tqdm.tqdm(total=train.num_steps, initial=start, unit="step",
                        disable=jax.process_index() != 0)
   last = min(train.num_steps, _STOP_AT.value or train.num_steps)
@@ -176,20 +172,14 @@ def main(argv):
 
     due = lambda every: every > 0 and (step % every == 0 or step == train.num_steps)
     if due(config.log_every) or due(config.checkpoint_every):
-      nonfinite = int(state.nonfinite_steps)
-      if nonfinite > nonfinite_seen and train.on_nonfinite == "stop":
-        raise FloatingPointError(
-            f"non-finite loss or gradient at or before step {step}; stopping with the last good "
-            f"checkpoint (step {checkpointer.latest_step()}) kept. Lower the learning rate, or set "
-            "--config.train.on_nonfinite=skip to skip such steps and count them.")
-      nonfinite_seen = nonfinite
+      nonfinite_steps = nonfinite.check(state, step, checkpointer.latest_step())
     if due(config.log_every):
       values = jax.device_get(metrics)  # waits for the step
       now = time.perf_counter()
       if logged_at:  # wall clock, so evaluations and checkpoints in the interval count too
         values["perf/steps_per_s"] = (step - logged_at[0]) / (now - logged_at[1])
       logged_at = step, now
-      write(step, {**values, "nonfinite_steps": nonfinite_seen,
+      write(step, {**values, "nonfinite_steps": nonfinite_steps,
                    "data/epoch": batches.epoch,
                    "data/truncated_captions": batches.truncated_captions})
       progress.set_postfix(loss=f"{values['loss']:.4f}", image=f"{values['image_loss']:.3f}")

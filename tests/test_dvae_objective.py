@@ -27,6 +27,23 @@ def test_nll_is_lowest_when_mu_is_the_pixels_logit():
   assert nll(logit) < nll(logit + 0.1) and nll(logit) < nll(logit - 0.1)
 
 
+def test_scale_floor_clamps_small_scales_only():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.uniform(0.1, 0.9, (1, 2, 2, 3)), jnp.float32)
+  mu = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  log_b = jnp.asarray([[[[-5.0, -2.5, -1.9], [-1.0, 0.0, 0.5]],
+                        [[-3.0, -1.5, 1.0], [-6.0, -2.1, 0.1]]]])
+  nll = lambda lb, floor: dvae_objective.logit_laplace_nll(x, jnp.concatenate([mu, lb], -1), floor)
+  np.testing.assert_allclose(nll(log_b, -2.0), nll(jnp.maximum(log_b, -2.0), None), rtol=1e-6)
+  assert float(nll(log_b, None)[0]) != float(nll(log_b, -2.0)[0])
+  # Below the floor the scale gets no gradient; above it, the paper's.
+  grad = jax.grad(lambda lb: nll(lb, -2.0).sum())(log_b)
+  grad_paper = jax.grad(lambda lb: nll(lb, None).sum())(log_b)
+  below = np.asarray(log_b < -2.0)
+  np.testing.assert_array_equal(np.asarray(grad)[below], 0.0)
+  np.testing.assert_allclose(np.asarray(grad)[~below], np.asarray(grad_paper)[~below], rtol=1e-6)
+
+
 def test_kl_to_uniform_is_zero_for_flat_logits_and_log_k_for_certain_ones():
   flat = jnp.zeros((2, 4, 4, 16))
   np.testing.assert_allclose(dvae_objective.kl_to_uniform(flat), [0.0, 0.0], atol=1e-5)

@@ -1,4 +1,4 @@
-"""The demo's dVAE on the shapes set: 32x32 images -> 8x8 codes over 256, minutes on 2 cores."""
+"""The demo's dVAE on the shapes set: 32x32 images -> 8x8 codes over 512, minutes on 2 cores."""
 
 import ml_collections
 
@@ -6,13 +6,17 @@ import ml_collections
 def get_config():
   config = ml_collections.ConfigDict()
   config.model = dict(resolution=32, group_count=3, n_hid=64, n_blk_per_group=1, n_init=64,
-                      vocab_size=256, dtype="float32")
-  # The paper's schedules shortened (schedule_scale): beta warms up over 50 steps, tau anneals
-  # 1 -> 1/16 over 1,500 and the learning rate decays over 12,000 of the paper's 1.2M. The
-  # learning-rate warm-up (not the paper's) keeps the short run from collapsing onto one code.
-  config.train = dict(batch_size=32, num_steps=1_500, learning_rate=1e-3,
-                      final_learning_rate=1e-4, lr_decay_steps=100_000, schedule_scale=0.01,
-                      beta=6.6, ema_decay=0.98, lr_warmup_steps=100)
+                      vocab_size=512, dtype="float32")
+  # Not the paper's optimisation: ~88% of these pixels are flat background, where the
+  # logit-Laplace scale b shrinks without bound (1/b ~300 there against ~3 on objects), so the
+  # loss and its gradient become nearly all background and the decoder paints average colours.
+  # A floor on ln b (min_log_scale) bounds that weight; beta 2.5 from the first step and a held
+  # learning rate (after a 100-step warm-up, without which short runs collapse onto one code)
+  # then keep the objects' colours. Tau anneals 1 -> 1/16 over the run.
+  config.train = dict(batch_size=32, num_steps=1_500, learning_rate=2e-3,
+                      final_learning_rate=2e-3, lr_decay_steps=150_000, schedule_scale=0.01,
+                      beta=2.5, beta_warmup_steps=0, min_log_scale=-2.0, ema_decay=0.98,
+                      lr_warmup_steps=100)
   config.data = dict(dataset="shapes", path="", split="train", crop="center",
                      num_examples=20_000, num_workers=0, eval_split="heldout", eval_batches=4)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)

@@ -1,4 +1,4 @@
-"""The CPU demo's transformer: shapes captions (BPE over 400) and 8x8 codes over 256 from
+"""The CPU demo's transformer: shapes captions (BPE over 400) and 8x8 codes over 512 from
 experiments/configs/dvae_shapes.py; minutes on 2 cores."""
 
 import ml_collections
@@ -6,7 +6,7 @@ import ml_collections
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.model = dict(text_vocab_size=400, text_len=24, image_vocab_size=256, image_size=8,
+  config.model = dict(text_vocab_size=400, text_len=24, image_vocab_size=512, image_size=8,
                       width=256, depth=4, heads=4, head_dim=64, conv_kernel=5,
                       dtype="float32", remat=False, dropout=0.0, attention="dense")
   config.train = dict(batch_size=32, num_steps=3_000, learning_rate=1e-3, warmup_steps=200,
