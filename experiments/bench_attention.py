@@ -23,7 +23,6 @@ bench_util).
 """
 
 import datetime
-import json
 import os
 import random
 import statistics
@@ -159,10 +158,7 @@ def main(argv):
   print(f"\nCPU used by other processes meanwhile: {load:.2f} cores")
   if load > 0.1:
     print("warning: the machine was not quiet; these timings are not trustworthy")
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(results, f, indent=2)
-    print(f"wrote {_JSON_OUT.value}")
+  bench_util.write_json(_JSON_OUT.value, results)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ the numbers. No XLA flag is set. Results: BENCHMARKS.md.
 """
 
 import datetime
-import json
 import os
 import statistics
 import time
@@ -211,10 +210,7 @@ def main(argv):
                                                                 time.perf_counter() - start)
 
   _report(results)
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(results, f, indent=2)
-    print(f"wrote {_JSON_OUT.value}")
+  bench_util.write_json(_JSON_OUT.value, results)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ load during them is reported (see bench_util).
 """
 
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -89,9 +88,7 @@ def main(argv):
   if _UNCACHED.value:
     print(f"the cache is {results['uncached']['median_s'] / results['cached']['median_s']:.1f}x "
           "faster than a full forward pass per code")
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(results, f, indent=2)
+  bench_util.write_json(_JSON_OUT.value, results)
 
 
 if __name__ == "__main__":

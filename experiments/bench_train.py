@@ -345,10 +345,7 @@ def main(argv):
   if _PROFILE.value:
     _measured(lambda: profile_steps(step, _PROFILE.value, results), results, "profile")
   _report(model, results)
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(results, f, indent=2)
-    print(f"wrote {_JSON_OUT.value}")
+  bench_util.write_json(_JSON_OUT.value, results)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ Imported by the scripts in this folder as `import bench_util` (a script's own fo
 sys.path).
 """
 
+import json
 import os
 import platform
 import sys
+from typing import Any
 
 HUGETLB = "glibc.malloc.hugetlb=1"
 
@@ -68,3 +70,11 @@ def read(path: str) -> str:
       return f.read().strip()
   except OSError:
     return "unknown"
+
+
+def write_json(path: str | None, results: dict[str, Any]) -> None:
+  """Writes a benchmark's results to `path` (the scripts' --json_out), if one is given."""
+  if path:
+    with open(path, "w") as f:
+      json.dump(results, f, indent=2)
+    print(f"wrote {path}")

@@ -1,24 +1,13 @@
-"""The emoji demo's transformer: emoji names (BPE over 768, at most 19 pieces) and 8x8 codes
-over 512 from experiments/configs/dvae_emoji32.py; transformer_small.py's network."""
+"""The emoji demo's transformer: transformer_small.py's network on emoji names (BPE over 768, at
+most 19 pieces) and 8x8 codes over 512 from experiments/configs/dvae_emoji32.py."""
 
-import ml_collections
+import os
+import runpy
 
 
 def get_config():
-  config = ml_collections.ConfigDict()
-  config.model = dict(text_vocab_size=768, text_len=24, image_vocab_size=512, image_size=8,
-                      width=256, depth=4, heads=4, head_dim=64, conv_kernel=5,
-                      dtype="float32", remat=False, dropout=0.1, attention="dense")
+  small = runpy.run_path(os.path.join(os.path.dirname(__file__), "transformer_small.py"))
+  config = small["get_config"]()
   # 3,172 training pairs are 100 batches: dropout slows the memorising of so few.
-  config.train = dict(batch_size=32, num_steps=3_000, learning_rate=1e-3, warmup_steps=200,
-                      final_learning_rate=1e-5, ema_decay=0.99, caption_dropout=0.1)
-  config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", dvae_workdir="",
-                     eval_batches=8)
-  config.mesh = dict(data=-1, fsdp=1, tensor=1)
-  config.log_every = 25
-  config.eval_every = 500
-  config.sample_every = 500  # needs data.dvae_workdir
-  config.sample_captions = ()  # default: the first 8 evaluation captions
-  config.checkpoint_every = 250
-  config.keep_checkpoints = 3
+  config.model.update(text_vocab_size=768, image_vocab_size=512, dropout=0.1)
   return config
