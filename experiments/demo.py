@@ -20,6 +20,7 @@ and metrics.json. What differs between the datasets is one entry of `PLANS`.
 import dataclasses
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -187,8 +188,12 @@ def main(argv):
 
   run("tokenizer", "train_tokenizer.py", *plan.tokenizer_flags(work),
       f"--out_dir={path('tokenizer')}", timings=timings)
+  # The dVAE's schedules (tau, beta, learning rate) stretch with its steps.
+  dvae_train = runpy.run_path(os.path.join(CONFIGS, plan.dvae_config))["get_config"]().train
   run("dvae", "train_dvae.py", f"--config={CONFIGS}/{plan.dvae_config}",
-      f"--workdir={path('dvae')}", f"--config.train.num_steps={steps['dvae']}", timings=timings)
+      f"--workdir={path('dvae')}", f"--config.train.num_steps={steps['dvae']}",
+      f"--config.train.schedule_scale={dvae_train.schedule_scale * FLAGS.steps_scale}",
+      timings=timings)
   for split, count in plan.encode_counts.items():
     run(f"encode_{split}", "encode_dataset.py", f"--dvae_workdir={path('dvae')}",
         f"--dataset={FLAGS.dataset}", f"--split={split}",
@@ -277,7 +282,8 @@ def main(argv):
 def define_flags() -> None:
   flags.DEFINE_enum("dataset", "shapes", list(PLANS), "What the demo learns.")
   flags.DEFINE_string("out", "demo_out", "Output directory.")
-  flags.DEFINE_float("steps_scale", 1.0, "Multiplies every stage's training steps.")
+  flags.DEFINE_float("steps_scale", 1.0,
+                     "Multiplies every stage's training steps (and the dVAE's schedules).")
   flags.DEFINE_integer("samples_per_caption", 4, "Images shown per caption.")
   flags.DEFINE_integer("candidates", 16, "Samples drawn per caption for reranking.")
   flags.DEFINE_integer("zero_shot_captions", 48, "Captions per split (held-out, training) "

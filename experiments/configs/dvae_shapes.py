@@ -12,11 +12,15 @@ def get_config():
   # loss and its gradient become nearly all background and the decoder paints average colours.
   # A floor on ln b (min_log_scale) bounds that weight; beta 2.5 from the first step and a held
   # learning rate (after a 100-step warm-up, without which short runs collapse onto one code)
-  # then keep the objects' colours. Tau anneals 1 -> 1/16 over the run.
+  # then keep the objects' colours. Tau anneals 1 -> 1/4 over the run: down to the paper's 1/16
+  # the codes used collapse in the last few hundred steps (perplexity 31 -> 9).
+  # Judged on reconstructions of 200 held-out renders (2026-11-30; the old config: beta 6.6,
+  # no floor, lr 1e-3 -> 1e-4, 256 codes): every attribute right 0.31 (was 0.035), colour 1.00
+  # (0.20), count 0.98 (0.43), size 0.86, shape 0.32 (0.32), PSNR 26.0 dB (21.5).
   config.train = dict(batch_size=32, num_steps=1_500, learning_rate=2e-3,
                       final_learning_rate=2e-3, lr_decay_steps=150_000, schedule_scale=0.01,
-                      beta=2.5, beta_warmup_steps=0, min_log_scale=-2.0, ema_decay=0.98,
-                      lr_warmup_steps=100)
+                      beta=2.5, beta_warmup_steps=0, min_log_scale=-2.0, tau_end=0.25,
+                      ema_decay=0.98, lr_warmup_steps=100)
   config.data = dict(dataset="shapes", path="", split="train", crop="center",
                      num_examples=20_000, num_workers=0, eval_split="heldout", eval_batches=4)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
