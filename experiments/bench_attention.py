@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import attention, block_sparse, masks
+from dalle_jax import attention, block_plan, masks
 import bench_util  # experiments/bench_util.py: this script's folder is on sys.path
 
 _KINDS = flags.DEFINE_list("kinds", ["row", "column", "conv"], "Masks to time (masks.KINDS).")
@@ -105,7 +105,7 @@ def main(argv):
     perm = masks.column_major_permutation(text_len, grid, grid) if kind == "column" else None
     for block_size in (int(b) for b in _BLOCK_SIZES.value):
       name = f"{kind}/{block_size}"
-      layout = block_sparse.block_layout(mask if perm is None else mask[perm][:, perm],
+      layout = block_plan.block_layout(mask if perm is None else mask[perm][:, perm],
                                          block_size)
       fractions[name] = layout.fraction
       programs[name], compile_s[name] = compiled_fwd_bwd(

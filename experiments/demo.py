@@ -67,10 +67,15 @@ def unigram_entropy(codes: np.ndarray, vocab: int) -> float:
 
 def shapes_captions() -> tuple[list[str], list[bool]]:
   """Captions to draw: held-out colour-shape compositions first, then training ones."""
-  heldout = [shapes.canonical_caption(s) for s in shapes.all_scenes("heldout")
-             if len(s.objects) == 1][::37][:5]
-  train = [shapes.canonical_caption(s) for s in shapes.all_scenes("train")
-           if len(s.objects) == 1][::101][:3]
+  by_pair = {}  # (colour, shape) -> its one-object scenes, for one caption per pair
+  for split in ("heldout", "train"):
+    for scene in shapes.all_scenes(split):
+      if len(scene.objects) == 1:
+        by_pair.setdefault(split, {}).setdefault(scene.objects[0][1:], []).append(scene)
+  pick = lambda split, stride, count: [  # positions and sizes vary from pair to pair
+      shapes.canonical_caption(scenes[7 * i % len(scenes)])
+      for i, scenes in enumerate(list(by_pair[split].values())[::stride][:count])]
+  heldout, train = pick("heldout", 1, 5), pick("train", 7, 3)
   return heldout + train, [True] * len(heldout) + [False] * len(train)
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dalle_jax import attention, block_sparse, masks
+from dalle_jax import attention, block_plan, block_sparse, masks
 
 
 def _dense_and_sparse(mask, block_size, permutation=None, dtype=jnp.float32, seed=0):
@@ -36,9 +36,9 @@ def _assert_close(dense, sparse, tolerance=1e-5):
 @pytest.fixture
 def fresh_plans():
   """Plans built under the test's patches, and none of them left cached after it."""
-  block_sparse._plan_for.cache_clear()
+  block_plan.plan_for.cache_clear()
   yield
-  block_sparse._plan_for.cache_clear()
+  block_plan.plan_for.cache_clear()
 
 
 # Text lengths and grids that leave seq off every block size (23, 74, 42), so padding is tested.
@@ -51,7 +51,7 @@ _GEOMETRIES = {4: (7, 4, 4), 8: (10, 8, 8), 16: (6, 6, 6)}
 def test_outputs_and_gradients_equal_dense_attention(kind, block_size, free_copies, monkeypatch,
                                                      fresh_plans):
   if free_copies:  # the widest band the tiles allow: at these sizes copies would make it global
-    monkeypatch.setattr(block_sparse, "_COPY_COST", 0.0)
+    monkeypatch.setattr(block_plan, "_COPY_COST", 0.0)
   text_len, height, width = _GEOMETRIES[block_size]
   mask = masks.attention_mask(kind, text_len, height, width, kernel=3)
   assert mask.shape[0] % block_size
@@ -72,7 +72,7 @@ def test_arbitrary_mask_permutation_and_unattended_keys(permute, monkeypatch, fr
   # sees: global key blocks that are not a run and a band with empty slots (window copies
   # counted free, so that the band is not all made global); permuted, keys that must come back
   # from a gather.
-  monkeypatch.setattr(block_sparse, "_COPY_COST", 0.0)
+  monkeypatch.setattr(block_plan, "_COPY_COST", 0.0)
   rng = np.random.default_rng(3)
   seq = 29
   i, j = np.arange(seq)[:, None], np.arange(seq)[None, :]
@@ -84,7 +84,7 @@ def test_arbitrary_mask_permutation_and_unattended_keys(permute, monkeypatch, fr
   mask[~mask.any(1), 0] = True
   permutation = rng.permutation(seq) if permute else None
   _assert_close(*_dense_and_sparse(mask, 2, permutation=permutation, seed=1))
-  plan = block_sparse._plan(mask, 2, permutation, head_dim=8)
+  plan = block_plan.make_plan(mask, 2, permutation, head_dim=8)
   if permute:
     assert not block_sparse._is_run(plan.from_padded)
   else:  # the general paths were taken
@@ -123,7 +123,7 @@ def test_layout_of_a_small_row_mask():
                                        [1, 1, 1, 1, 0, 0],
                                        [1, 1, 1, 1, 1, 0],
                                        [1, 1, 0, 1, 1, 1]])
-  layout = block_sparse.block_layout(mask, 2)
+  layout = block_plan.block_layout(mask, 2)
   assert layout.num_blocks == 3
   np.testing.assert_array_equal(layout.counts, [1, 2, 3])
   np.testing.assert_array_equal(layout.key_blocks, [[0, 0, 0], [0, 1, 1], [0, 1, 2]])
@@ -139,12 +139,12 @@ def test_layout_of_a_small_row_mask():
   np.testing.assert_array_equal(layout.query_slots, [[0, 0, 0], [1, 1, 0], [2, 0, 0]])
   assert layout.fraction == pytest.approx(6 / 9)
   np.testing.assert_array_equal(layout.padded_mask(), mask)
-  assert block_sparse.block_layout(mask.copy(), 2) is layout  # cached by contents
+  assert block_plan.block_layout(mask.copy(), 2) is layout  # cached by contents
 
 
 def test_padding_queries_see_only_themselves_and_padding_keys_nothing():
   mask = masks.attention_mask("row", 2, 2, 2)  # seq 6 in blocks of 4: padded to 8
-  layout = block_sparse.block_layout(mask, 4)
+  layout = block_plan.block_layout(mask, 4)
   padded = layout.padded_mask()
   np.testing.assert_array_equal(padded[:6, :6], mask)
   assert not padded[:6, 6:].any()
@@ -156,7 +156,7 @@ def test_text_blocks_are_global_and_the_image_band_local():
   # block attends its own block and the previous one (row attention reaches back W + 1 = 5).
   # (Heads of 4: with more dimensions, copying keys into the band's windows would cost as much
   # as scoring the whole image against every query.)
-  plan = block_sparse._plan(masks.attention_mask("row", 8, 4, 4), 4, None, head_dim=4)
+  plan = block_plan.make_plan(masks.attention_mask("row", 8, 4, 4), 4, None, head_dim=4)
   np.testing.assert_array_equal(plan.global_blocks, [0, 1])
   assert plan.band_rows == (2, 6) and plan.band_group == 1 and plan.band_offset == -1
   # Band row i's window is blocks i - 1, i; for the first image block, i - 1 is text: global.
@@ -176,8 +176,8 @@ def test_band_groups_and_chunks_equal_dense(kind, group, per_chunk, band, monkey
   permutation = None
   if kind == "column":
     permutation = masks.column_major_permutation(text_len, height, width)
-  monkeypatch.setattr(block_sparse, "_band_group", lambda *_: group)
-  plan = block_sparse._plan(mask, 8, permutation, head_dim=8)
+  monkeypatch.setattr(block_plan, "_band_group", lambda *_: group)
+  plan = block_plan.make_plan(mask, 8, permutation, head_dim=8)
   assert plan.band_group == group
   keys = (len(plan.global_blocks) + plan.band_width) * 8
   monkeypatch.setattr(block_sparse, "_CHUNK_SCORES", per_chunk * 4 * 8 * keys * group)
@@ -190,5 +190,5 @@ def test_column_major_order_makes_the_paper_column_mask_a_band():
   # The paper's geometry, blocks of 32: about half the tiles in raster order, a fifth after.
   mask = masks.attention_mask("column", 256, 32, 32)
   perm = masks.column_major_permutation(256, 32, 32)
-  assert block_sparse.block_layout(mask, 32).fraction == pytest.approx(0.5125)
-  assert block_sparse.block_layout(mask[perm][:, perm], 32).fraction == pytest.approx(0.2025)
+  assert block_plan.block_layout(mask, 32).fraction == pytest.approx(0.5125)
+  assert block_plan.block_layout(mask[perm][:, perm], 32).fraction == pytest.approx(0.2025)

@@ -67,6 +67,9 @@ def test_shapes_captions_hold_out_first():
   assert heldout == sorted(heldout, reverse=True) and any(heldout) and not all(heldout)
   for caption, held in zip(captions, heldout):
     assert shapes.scene_split(shapes.parse_caption(caption)) == ("heldout" if held else "train")
+  # One caption for each held-out colour-shape pair.
+  pairs = {shapes.parse_caption(c).objects[0][1:] for c, held in zip(captions, heldout) if held}
+  assert len(pairs) == sum(heldout) == len(shapes.HELDOUT_PAIRS)
 
 
 @needs_emoji
