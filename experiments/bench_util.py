@@ -16,7 +16,7 @@ import platform
 import sys
 from typing import Any
 
-HUGETLB = "glibc.malloc.hugetlb=1"
+from dalle_jax import launch
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -41,10 +41,9 @@ def own_load(since: tuple[float, float], wall: float) -> float:
 
 def restart_with_hugepages() -> None:
   """Re-runs this process with glibc's malloc asking for transparent huge pages for its big
-  blocks (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, read only at start-up), unless already so."""
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if HUGETLB not in tunables.split(":"):
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGETLB])))
+  blocks (`launch.HUGEPAGES_TUNABLE`, read only at start-up), unless already so."""
+  env = launch.hugepages_env(os.environ)
+  if env != dict(os.environ):
     os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 

@@ -31,7 +31,7 @@ from absl import app, flags
 import numpy as np
 from PIL import Image
 
-from dalle_jax import image_grid, plots
+from dalle_jax import image_grid, launch, plots
 from dalle_jax.data import codes as codes_lib
 from dalle_jax.data import emoji, shapes
 
@@ -41,10 +41,13 @@ CONFIGS = os.path.join(HERE, "configs")
 
 
 def run(stage: str, script: str, *args: str, timings: dict) -> None:
-  """Runs one stage's script with this interpreter; its progress bars go to the terminal."""
+  """Runs one stage's script with this interpreter; its progress bars go to the terminal.
+
+  On transparent huge pages for malloc: XLA:CPU's steps run 20-25% faster (see `launch`)."""
   print(f"\n=== {stage}: {script} {' '.join(args)}", flush=True)
   start = time.time()
-  subprocess.run([sys.executable, os.path.join(HERE, script), *args], check=True)
+  subprocess.run([sys.executable, os.path.join(HERE, script), *args], check=True,
+                 env=launch.hugepages_env(os.environ))
   timings[stage] = round(timings.get(stage, 0.0) + time.time() - start, 1)
 
 
