@@ -84,6 +84,20 @@ def empty_captions(config: TransformerConfig, batch: int) -> jax.Array:
   return jnp.broadcast_to(pads, (batch, config.text_len))
 
 
+def _prepare(config: TransformerConfig, text: jax.Array, settings: SampleSettings,
+             prime_codes: jax.Array | None, guided: bool
+             ) -> tuple[transformer.Transformer, jax.Array, jax.Array, jax.Array]:
+  """What both samplers start from: the model in inference mode, the captions (with the empty
+  ones after them when guided), the primed codes int32[B, H * W] and how many of them to keep."""
+  config = dataclasses.replace(config, remat=False, dropout=0.0)
+  batch, n = text.shape[0], config.image_len
+  if guided:
+    text = jnp.concatenate([text, empty_captions(config, batch)])
+  primed = jnp.zeros((batch, n), jnp.int32) if prime_codes is None else \
+      prime_codes.reshape(batch, n).astype(jnp.int32)
+  return transformer.Transformer(config), text, primed, settings.prime_rows * config.image_size
+
+
 def sample_codes(config: TransformerConfig, params: Any, text: jax.Array, keys: jax.Array,
                  settings: SampleSettings, prime_codes: jax.Array | None = None,
                  guided: bool = False) -> jax.Array:
@@ -99,14 +113,8 @@ def sample_codes(config: TransformerConfig, params: Any, text: jax.Array, keys: 
   Returns:
     int32[B, H, W] codes.
   """
-  config = dataclasses.replace(config, remat=False, dropout=0.0)
-  model = transformer.Transformer(config)
-  batch, n = text.shape[0], config.image_len
-  if guided:
-    text = jnp.concatenate([text, empty_captions(config, batch)])
-  primed = jnp.zeros((batch, n), jnp.int32) if prime_codes is None else \
-      prime_codes.reshape(batch, n).astype(jnp.int32)
-  num_primed = settings.prime_rows * config.image_size
+  model, text, primed, num_primed = _prepare(config, text, settings, prime_codes, guided)
+  batch, n = primed.shape
 
   logits, cache = model.apply({"params": params}, text, method=transformer.Transformer.prefill,
                               mutable=["cache"])
@@ -136,14 +144,8 @@ def sample_codes_uncached(config: TransformerConfig, params: Any, text: jax.Arra
                           ) -> jax.Array:
   """The same draws as `sample_codes` with a full forward pass per code (no cache): the
   reference the cached path is tested against. Quadratically slower."""
-  config = dataclasses.replace(config, remat=False, dropout=0.0)
-  model = transformer.Transformer(config)
-  batch, n = text.shape[0], config.image_len
-  if guided:
-    text = jnp.concatenate([text, empty_captions(config, batch)])
-  primed = jnp.zeros((batch, n), jnp.int32) if prime_codes is None else \
-      prime_codes.reshape(batch, n).astype(jnp.int32)
-  num_primed = settings.prime_rows * config.image_size
+  model, text, primed, num_primed = _prepare(config, text, settings, prime_codes, guided)
+  batch, n = primed.shape
 
   def step(index, codes):
     both = jnp.concatenate([codes, codes]) if guided else codes
