@@ -187,6 +187,7 @@ def _band_group(rows: int, width: int, stop: int, bs: int, head_dim: int) -> int
 
 @functools.lru_cache(maxsize=64)
 def plan_for(layout: BlockLayout, permutation: bytes | None, head_dim: int) -> Plan:
+  """The plan of an already permuted layout; `permutation` as bytes of int64, for the cache."""
   seq, bs, nb = layout.seq_len, layout.block_size, layout.num_blocks
   perm = np.arange(seq) if permutation is None else np.frombuffer(permutation, np.int64)
   to_padded = np.concatenate([perm, np.full(nb * bs - seq, seq)]).astype(np.int32)
@@ -209,11 +210,12 @@ def plan_for(layout: BlockLayout, permutation: bytes | None, head_dim: int) -> P
   j, i = np.divmod(rows - start, group)  # group, and block within it
   band_mask[j, i, :, i + blocks - rows - offset] = tiles[rows, :, blocks]
   return Plan(layout, to_padded, from_padded, global_blocks, global_mask, (start, stop), group,
-               offset, band_mask.reshape((stop - start) * bs, width * bs))
+              offset, band_mask.reshape((stop - start) * bs, width * bs))
 
 
 def make_plan(mask: np.ndarray, block_size: int, permutation: np.ndarray | None,
-          head_dim: int = 64) -> Plan:
+              head_dim: int = 64) -> Plan:
+  """The `Plan` of `mask` reordered by `permutation` (int[seq] or None), cached."""
   if permutation is not None:
     permutation = np.asarray(permutation, dtype=np.int64)
     if not np.array_equal(np.sort(permutation), np.arange(mask.shape[0])):
