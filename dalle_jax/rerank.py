@@ -4,6 +4,7 @@
     loss, metrics = contrastive_loss(params, config, images, text)   # symmetric InfoNCE
     scores = score(params, config, images, text)    # uint8[N, H, W, 3], int32[N, T] -> f32[N]
     best = rerank(scores, keep)                     # indices of the `keep` best, best first
+    reranker = TrainedReranker(workdir)             # a train_reranker.py run, with its tokenizer
 
 Both encoders end in a linear projection to `embed_dim` and an L2 normalisation, so a score is the
 cosine similarity of an image and its own caption. The caption ids are the tokenizer's: BPE pieces
@@ -27,6 +28,8 @@ import numpy as np
 import optax
 
 from dalle_jax import checkpointing, sharding, train_state
+from dalle_jax import tokenizer as tokenizer_lib
+from dalle_jax.data import preprocess
 
 TrainState = train_state.TrainState
 TOKENIZER_DIR = "tokenizer"  # a copy of the run's tokenizer, inside its workdir
@@ -377,3 +380,20 @@ def load_trained(workdir: str, step: int | None = None, ema: bool = True
     raise FileNotFoundError(f"no complete checkpoint in {workdir}/checkpoints")
   state = restored[0]
   return config, state.ema_params if ema else state.params, tokenizer_dir
+
+
+class TrainedReranker:
+  """A `train_reranker.py` run that scores images against captions read by its own tokenizer
+  (the copy saved in its workdir)."""
+
+  def __init__(self, workdir: str, step: int | None = None):
+    self.config, self.params, tokenizer_dir = load_trained(workdir, step)
+    self.tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_dir)
+    check_tokenizer(self.config, self.tokenizer)
+
+  def score(self, images: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """uint8[N, H, W, 3] at any resolution, int32[N, T] of `self.tokenizer` -> float32[N]."""
+    side = self.config.resolution
+    if images.shape[1:3] != (side, side):
+      images = np.stack([preprocess.preprocess(image, side, "center") for image in images])
+    return np.asarray(score(self.params, self.config, images, text))

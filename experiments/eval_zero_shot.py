@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import dvae, dvae_training, image_grid, sampling, sharding, transformer_training
+from dalle_jax import dvae, dvae_training, image_grid, rerank, sampling, sharding
+from dalle_jax import transformer_training
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax import zero_shot
 from dalle_jax.data import emoji, shapes
@@ -144,6 +145,20 @@ def draw_images(models: dict, captions: Sequence[str], per_caption: int,
   return images.reshape(len(captions), per_caption, *images.shape[1:]), list(truncated)
 
 
+def keep_best(reranker: rerank.TrainedReranker, captions: Sequence[str], images: np.ndarray,
+              keep: int, batch_size: int) -> np.ndarray:
+  """uint8[captions, candidates, ...] -> the `keep` candidates per caption the reranker scores
+  highest, best first: uint8[captions, keep, ...]."""
+  count, candidates = images.shape[:2]
+  ids = np.stack([reranker.tokenizer.encode(c)[0] for c in captions])
+  flat = images.reshape(count * candidates, *images.shape[2:])
+  text = np.repeat(ids, candidates, axis=0)
+  scores = np.concatenate([reranker.score(flat[i:i + batch_size], text[i:i + batch_size])
+                           for i in range(0, len(flat), batch_size)])
+  best = np.asarray(rerank.rerank(scores.reshape(count, candidates), keep))
+  return np.take_along_axis(images, best.reshape(count, keep, 1, 1, 1), axis=1)
+
+
 def reconstructor(models: dict) -> Callable[[np.ndarray], np.ndarray]:
   """uint8[N, res, res, 3] -> the dVAE's reconstructions: what perfect codes would decode to."""
   config, params = models["dvae_config"], models["dvae_params"]
@@ -239,16 +254,24 @@ def evaluate(transformer_workdir: str, dataset: str = "shapes", *, num_captions:
              top_p: float = 1.0, guidance: float = 1.0, seed: int = 0, batch_size: int = 16,
              step: int | None = None, ema: bool = True, dvae_workdir: str | None = None,
              tokenizer_dir: str | None = None, chance_draws: int = 4,
+             candidates: int = 0, reranker_workdir: str | None = None,
              grid_path: str | None = None, models: dict | None = None) -> dict[str, Any]:
   """Samples for held-out and training captions, judged; returns the JSON-able results.
 
-  `models` (from `load_models`) skips loading; `grid_path` writes a PNG grid of the samples.
+  With `candidates` > 0 each caption gets that many samples, the `reranker_workdir` run keeps
+  the `samples_per_caption` best (the paper's reranking), and each split's summary also holds
+  `without_reranking`: every candidate judged. `models` (from `load_models`) skips loading;
+  `grid_path` writes a PNG grid of the (kept) samples.
   """
   if dataset not in DATASETS:
     raise ValueError(f"--dataset must be one of {DATASETS}, got {dataset!r}")
   if temperature <= 0 or not 0 < top_p <= 1 or min(num_captions, samples_per_caption) < 1:
     raise ValueError("need temperature > 0, 0 < top_p <= 1, num_captions and "
                      "samples_per_caption >= 1")
+  if candidates and (candidates < samples_per_caption or not reranker_workdir):
+    raise ValueError(f"reranking {candidates} candidates needs at least samples_per_caption "
+                     f"({samples_per_caption}) of them and a reranker's workdir")
+  reranker = rerank.TrainedReranker(reranker_workdir) if candidates else None
   models = models or load_models(transformer_workdir, step, ema, dvae_workdir, tokenizer_dir)
   if dataset == "shapes":
     chosen = {split: shapes_scenes(split, num_captions, seed) for split in SPLITS}
@@ -261,8 +284,10 @@ def evaluate(transformer_workdir: str, dataset: str = "shapes", *, num_captions:
   settings = SampleSettings(temperature=jnp.float32(temperature), top_k=jnp.int32(top_k),
                             top_p=jnp.float32(top_p), guidance=jnp.float32(guidance))
   everything = captions["heldout"] + captions["train"]
-  images, truncated = draw_images(models, everything, samples_per_caption, settings, seed,
-                                  batch_size)
+  drawn, truncated = draw_images(models, everything, candidates or samples_per_caption,
+                                 settings, seed, batch_size)
+  images = drawn if reranker is None else keep_best(reranker, everything, drawn,
+                                                    samples_per_caption, batch_size)
   split_images = {"heldout": images[:num_captions], "train": images[num_captions:]}
 
   results: dict[str, Any] = {
@@ -271,16 +296,21 @@ def evaluate(transformer_workdir: str, dataset: str = "shapes", *, num_captions:
       "settings": {"temperature": temperature, "top_k": top_k, "top_p": top_p,
                    "guidance": guidance},
       "num_captions": num_captions, "samples_per_caption": samples_per_caption,
+      "candidates": candidates, "reranker_workdir": reranker_workdir,
       "resolution": int(images.shape[2]), "truncated_captions": int(sum(truncated)),
   }
   labels, reconstruct = [], reconstructor(models)
-  for split in SPLITS:
+
+  def judge(split: str, samples: np.ndarray) -> tuple[dict, list[str]]:
     if dataset == "shapes":
-      summary, split_labels = judge_shapes_split(chosen[split], split_images[split], seed,
-                                                 chance_draws, reconstruct)
-    else:
-      summary, split_labels = judge_emoji_split(chosen[split], split_images[split], families,
-                                                reconstruct)
+      return judge_shapes_split(chosen[split], samples, seed, chance_draws, reconstruct)
+    return judge_emoji_split(chosen[split], samples, families, reconstruct)
+
+  for split, offset in zip(SPLITS, (0, num_captions)):
+    summary, split_labels = judge(split, split_images[split])
+    if reranker is not None:
+      every = judge(split, drawn[offset:offset + num_captions])[0]
+      summary["without_reranking"] = {k: every[k] for k in UNRERANKED_KEYS if k in every}
     results[split], labels = summary, labels + split_labels
   results.update({"heldout_accuracy": results["heldout"]["accuracy"],
                   "train_accuracy": results["train"]["accuracy"],
@@ -298,6 +328,9 @@ def evaluate(transformer_workdir: str, dataset: str = "shapes", *, num_captions:
   return results
 
 
+UNRERANKED_KEYS = ("accuracy", "count", "attributes", "tone_accuracy", "tone_count")
+
+
 def _make_parent(path: str) -> None:
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -310,6 +343,8 @@ def report(results: dict[str, Any]) -> str:
   for split in SPLITS:
     r = results[split]
     line = f"  {split:8s} accuracy {r['accuracy']:.3f}  chance {r['chance']['accuracy']:.3f}"
+    if "without_reranking" in r:
+      line += f"  (all {results['candidates']} candidates {r['without_reranking']['accuracy']:.3f})"
     if "attributes" in r:
       line += "  " + " ".join(f"{a} {v:.2f}" for a, v in r["attributes"].items())
       line += (f"  (ground truth {r['judge_on_ground_truth']['accuracy']:.2f}, through the "
@@ -344,6 +379,10 @@ def define_flags() -> None:
   flags.DEFINE_bool("raw_params", False, "Use the raw parameters, not the EMA.")
   flags.DEFINE_string("dvae_workdir", None, "Default: the run config's data.dvae_workdir.")
   flags.DEFINE_string("tokenizer_dir", None, "Default: the run config's data.tokenizer_dir.")
+  flags.DEFINE_integer("candidates", 0, "Rerank: draw this many per caption and judge the "
+                       "--samples_per_caption best by the --reranker; 0: no reranking.",
+                       lower_bound=0)
+  flags.DEFINE_string("reranker", None, "With --candidates: a train_reranker.py workdir.")
   flags.DEFINE_integer("chance_draws", 4, "shapes: random training images judged per caption "
                        "for the chance level.", lower_bound=1)
   flags.DEFINE_string("out", "zero_shot.json", "Where the results JSON goes.")
@@ -359,7 +398,8 @@ def main(argv):
       samples_per_caption=f.samples_per_caption, temperature=f.temperature, top_k=f.top_k,
       top_p=f.top_p, guidance=f.guidance, seed=f.seed, batch_size=f.batch_size, step=f.step,
       ema=not f.raw_params, dvae_workdir=f.dvae_workdir, tokenizer_dir=f.tokenizer_dir,
-      chance_draws=f.chance_draws, grid_path=f.grid)
+      chance_draws=f.chance_draws, candidates=f.candidates, reranker_workdir=f.reranker,
+      grid_path=f.grid)
   _make_parent(f.out)
   with open(f.out, "w", encoding="utf-8") as out:
     json.dump(results, out, indent=2)

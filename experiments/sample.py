@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from dalle_jax import dvae, dvae_training, image_grid, sampling, sharding, transformer_training
+from dalle_jax import dvae, dvae_training, image_grid, rerank, sampling, sharding
+from dalle_jax import transformer_training
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import preprocess
 from dalle_jax.sampling import SampleSettings
@@ -138,38 +139,12 @@ def prime_codes(path: str, dvae_config: dvae.DVAEConfig, dvae_params: Any) -> np
   return np.asarray(dvae.encode(dvae_config, dvae_params, pixels[None]))[0]
 
 
-class Reranker:
-  """A train_reranker.py run (dalle_jax/rerank.py) that scores samples against their prompts."""
-
-  def __init__(self, workdir: str):
-    try:
-      from dalle_jax import rerank  # pylint: disable=import-outside-toplevel
-    except ModuleNotFoundError as error:
-      if error.name != "dalle_jax.rerank":
-        raise
-      raise ValueError("--rerank needs dalle_jax/rerank.py (rerank.load_trained and "
-                       "rerank.score), which this checkout does not have; sample without "
-                       "--rerank") from error
-    self._rerank = rerank
-    self.config, self.params, tokenizer_dir = rerank.load_trained(workdir)
-    # The reranker reads captions with its own tokenizer, the copy saved in its workdir.
-    self.tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_dir)
-    rerank.check_tokenizer(self.config, self.tokenizer)
-
-  def score(self, images: np.ndarray, text: np.ndarray) -> np.ndarray:
-    """uint8[N, H, W, 3] at any resolution, int32[N, T] of this tokenizer -> float32[N]."""
-    side = self.config.resolution
-    if images.shape[1:3] != (side, side):
-      images = np.stack([preprocess.preprocess(image, side, "center") for image in images])
-    return np.asarray(self._rerank.score(self.params, self.config, images, text))
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
   prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
   check_settings()
-  reranker = Reranker(_RERANKER.value) if _RERANK.value else None
+  reranker = rerank.TrainedReranker(_RERANKER.value) if _RERANK.value else None
   config, params, run_config = load_transformer(_CHECKPOINT.value)
   if _PRIME_ROWS.value > config.image_size:
     raise ValueError(f"--prime_rows {_PRIME_ROWS.value} is more than the {config.image_size} "

@@ -10,7 +10,7 @@ from absl import app
 import numpy as np
 import pytest
 
-from dalle_jax import dvae, rerank
+from dalle_jax import dvae, rerank, zero_shot
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import emoji, shapes
 from dalle_jax.transformer import TransformerConfig
@@ -101,6 +101,26 @@ def test_emoji_tokenizer_reads_training_names_and_holds_every_name(tmp_path):
   rng = np.random.default_rng(0)
   longest = max(entries, key=lambda e: len(tokenizer.pieces(e.name))).name
   assert not any(tokenizer.encode(longest, training=True, rng=rng)[1] for _ in range(50))
+
+
+def test_shapes_summary_reads_what_eval_zero_shot_writes():
+  eval_zero_shot = _load("eval_zero_shot.py")
+  results = {}
+  for split, unreranked in (("heldout", 0.25), ("train", 0.5)):
+    scenes = eval_zero_shot.shapes_scenes(split, 2, seed=0)
+    # True renders as the "samples", and a perfect dVAE.
+    truths = np.stack([shapes.render_scene(s, 32) for s in scenes])[:, None]
+    results[split], _ = eval_zero_shot.judge_shapes_split(scenes, truths, 0, 1, lambda x: x)
+    results[split]["without_reranking"] = {"accuracy": unreranked}
+  results.update(heldout_accuracy=results["heldout"]["accuracy"],
+                 train_accuracy=results["train"]["accuracy"],
+                 chance_accuracy=results["heldout"]["chance"]["accuracy"])
+  summary = demo.PLANS["shapes"].zero_shot_summary(results)
+  assert summary["heldout_accuracy"] == summary["train_accuracy"] == 1.0
+  assert summary["dvae_ceiling"] == 1.0 and summary["images_per_split"] == 2
+  assert summary["heldout_accuracy_without_reranking"] == 0.25
+  assert summary["train_accuracy_without_reranking"] == 0.5
+  assert set(summary["heldout_attributes"]) == set(zero_shot.ATTRIBUTES)
 
 
 @needs_emoji

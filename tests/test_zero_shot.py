@@ -268,10 +268,11 @@ def _ok(process: subprocess.Popen) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """A 2-step tiny transformer whose config names a 2-step tiny dVAE (16 px, 4x4 codes)."""
+  """A 2-step tiny transformer whose config names a 2-step tiny dVAE (16 px, 4x4 codes), and a
+  2-step reranker."""
   root = tmp_path_factory.mktemp("zero_shot")
   tokenizer_dir, codes_dir = make_stage2_data(str(root))
-  paths = {name: str(root / name) for name in ("transformer", "dvae")}
+  paths = {name: str(root / name) for name in ("transformer", "dvae", "reranker")}
   processes = [
       _start("train_transformer.py", f"--config={CONFIGS}/transformer_tiny.py",
              f"--workdir={paths['transformer']}", "--config.train.num_steps=2",
@@ -279,6 +280,10 @@ def runs(tmp_path_factory):
              f"--config.data.tokenizer_dir={tokenizer_dir}"),
       _start("train_dvae.py", f"--config={CONFIGS}/dvae_tiny.py", f"--workdir={paths['dvae']}",
              "--config.train.num_steps=2", "--config.data.eval_split="),
+      _start("train_reranker.py", f"--config={CONFIGS}/reranker_tiny.py",
+             f"--workdir={paths['reranker']}", "--config.train.num_steps=2",
+             f"--config.data.tokenizer_dir={tokenizer_dir}", "--config.model.text_vocab_size=320",
+             "--config.data.num_examples=64"),
   ]
   for process in processes:
     _ok(process)
@@ -305,8 +310,8 @@ def test_script_writes_the_results(runs, tmp_path):
   printed = _ok(_start("eval_zero_shot.py", f"--transformer_workdir={runs['transformer']}",
                        "--dataset=shapes", "--num_captions=3", "--samples_per_caption=2",
                        "--batch_size=4", "--top_k=8", "--chance_draws=2", f"--out={out}",
-                       f"--grid={grid}"))
-  assert "heldout" in printed and "chance" in printed
+                       f"--grid={grid}", "--candidates=3", f"--reranker={runs['reranker']}"))
+  assert "heldout" in printed and "chance" in printed and "all 3 candidates" in printed
   with open(out) as f:
     results = json.load(f)
   assert results["dataset"] == "shapes" and results["resolution"] == 16
@@ -314,6 +319,7 @@ def test_script_writes_the_results(runs, tmp_path):
   for split in ("heldout", "train"):
     r = results[split]
     assert r["count"] == 3 * 2 and r["chance"]["count"] == 3 * 2
+    assert r["without_reranking"]["count"] == 3 * 3  # every candidate
     assert r["judge_on_ground_truth"]["count"] == r["judge_on_dvae_reconstructions"]["count"] == 3
     assert r["judge_on_ground_truth"]["accuracy"] >= 2 / 3  # 16 px: small shapes are 3.5 px
     assert set(r["attributes"]) == set(zero_shot.ATTRIBUTES)
@@ -327,12 +333,40 @@ def test_script_writes_the_results(runs, tmp_path):
   assert Image.open(grid).size[0] > 2 * 128
 
 
-@needs_emoji
-def test_evaluate_emoji_in_process(runs):
+def _eval_module():
   spec = importlib.util.spec_from_file_location(
       "eval_zero_shot", os.path.join(EXPERIMENTS, "eval_zero_shot.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)  # defines no flags on import: demo.py can do the same
+  return module
+
+
+class _BrightnessReranker:
+  """Scores an image by its mean pixel, and checks that it gets its caption's ids."""
+
+  class tokenizer:  # pylint: disable=invalid-name
+    @staticmethod
+    def encode(caption):
+      return np.full(4, len(caption), np.int32), False
+
+  def score(self, images, text):
+    assert images.shape[0] == text.shape[0]
+    return images.reshape(len(images), -1).mean(axis=1) + 1000 * text[:, 0]
+
+
+def test_keep_best_keeps_the_highest_scores_in_order():
+  # Caption c, candidate j is a flat image of value values[c, j].
+  values = np.array([[10, 50, 30, 40], [90, 20, 60, 70]], np.uint8)
+  images = np.broadcast_to(values[:, :, None, None, None], (2, 4, 3, 3, 3)).copy()
+  kept = _eval_module().keep_best(_BrightnessReranker(), ["a", "bb"], images, keep=2,
+                                  batch_size=3)
+  assert kept.shape == (2, 2, 3, 3, 3)
+  np.testing.assert_array_equal(kept[:, :, 0, 0, 0], [[50, 40], [90, 70]])
+
+
+@needs_emoji
+def test_evaluate_emoji_in_process(runs):
+  module = _eval_module()
   results = module.evaluate(runs["transformer"], "emoji", num_captions=2, samples_per_caption=2,
                             batch_size=4, seed=1)
   for split in ("heldout", "train"):
