@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Mapping
+import types
+import typing
+from typing import Any, Mapping
 
 import jax
+from ml_collections import config_dict
 
 
 # glibc's malloc asks for transparent huge pages for its big blocks. XLA:CPU allocates a step's
@@ -21,6 +25,40 @@ def hugepages_env(env: Mapping[str, str]) -> dict[str, str]:
   if HUGEPAGES_TUNABLE in tunables.split(":"):
     return dict(env)
   return dict(env, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGEPAGES_TUNABLE])))
+
+
+def config_section(cls: type, **values: Any) -> config_dict.ConfigDict:
+  """A config file's section for the dataclass `cls`: `values` over every default of `cls`.
+
+  Listing every field lets any of them be overridden from the command line
+  (`--config.train.tau_end=0.1`); ml_collections refuses fields a config does not hold. A None
+  becomes a placeholder of the field's type (ml_collections cannot parse into a None), and an int
+  given for a float field a float (or `--config...=2.5` would be refused as not an int).
+  """
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise TypeError(f"{cls.__name__} has no field {unknown}; its fields: {sorted(fields)}")
+  hints = typing.get_type_hints(cls)
+  section = {}
+  for name, field in fields.items():
+    if name in values:
+      value = values[name]
+    elif field.default is not dataclasses.MISSING:
+      value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+      value = field.default_factory()
+    else:
+      raise TypeError(f"{cls.__name__}.{name} has no default: give it a value")
+    hint = hints[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+      hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if value is None:
+      value = config_dict.placeholder(typing.get_origin(hint) or hint)
+    elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    section[name] = value
+  return config_dict.ConfigDict(section)
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,

@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from dalle_jax import dvae_training, launch
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -9,9 +11,10 @@ def get_config():
                       vocab_size=512, dtype="float32")
   # The paper's schedules shortened by schedule_scale = 0.02: beta 0 -> 6.6 over 100 steps,
   # tau 1 -> 1/16 and the learning rate 1e-3 -> 1.25e-5 both over the 3,000 steps of the run.
-  config.train = dict(batch_size=32, num_steps=3_000, learning_rate=1e-3,
-                      final_learning_rate=1.25e-5, lr_decay_steps=150_000, schedule_scale=0.02,
-                      beta=6.6, ema_decay=0.99)
+  config.train = launch.config_section(
+      dvae_training.DVAETrainConfig, batch_size=32, num_steps=3_000, learning_rate=1e-3,
+      final_learning_rate=1.25e-5, lr_decay_steps=150_000, schedule_scale=0.02, beta=6.6,
+      ema_decay=0.99)
   config.data = dict(dataset="emoji", path="", split="train", crop="center", num_examples=0,
                      num_workers=0, eval_split="heldout", eval_batches=8)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)

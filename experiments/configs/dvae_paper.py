@@ -2,12 +2,16 @@
 
 import ml_collections
 
+from dalle_jax import dvae_training, launch
+
 
 def get_config():
   config = ml_collections.ConfigDict()
   config.model = dict(resolution=256, group_count=4, n_hid=256, n_blk_per_group=2, n_init=128,
                       vocab_size=8192, dtype="bfloat16")
-  config.train = dict(batch_size=512, num_steps=3_000_000)  # every other value: the paper's default
+  # Every other value: the paper's default.
+  config.train = launch.config_section(dvae_training.DVAETrainConfig, batch_size=512,
+                                       num_steps=3_000_000)
   config.data = dict(dataset="webdataset", path="", split="train", crop="dvae", num_examples=0,
                      num_workers=16, eval_split="", eval_batches=8)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)

@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from dalle_jax import dvae_training, launch
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -18,10 +20,10 @@ def get_config():
   # no floor, lr 1e-3 -> 1e-4, 256 codes): every attribute right 0.31 (was 0.035), colour 1.00
   # (0.20), count 0.98 (0.43), size 0.86, shape 0.32 (0.32), PSNR 26.0 dB (21.5). Shape needs
   # length: 4,500 steps (schedule_scale 0.03) give every attribute 0.66, shape 0.67, PSNR 28.7.
-  config.train = dict(batch_size=32, num_steps=1_500, learning_rate=2e-3,
-                      final_learning_rate=2e-3, lr_decay_steps=150_000, schedule_scale=0.01,
-                      beta=2.5, beta_warmup_steps=0, min_log_scale=-2.0, tau_end=0.25,
-                      ema_decay=0.98, lr_warmup_steps=100)
+  config.train = launch.config_section(
+      dvae_training.DVAETrainConfig, batch_size=32, num_steps=1_500, learning_rate=2e-3,
+      final_learning_rate=2e-3, lr_decay_steps=150_000, schedule_scale=0.01, beta=2.5,
+      beta_warmup_steps=0, min_log_scale=-2.0, tau_end=0.25, ema_decay=0.98, lr_warmup_steps=100)
   config.data = dict(dataset="shapes", path="", split="train", crop="center",
                      num_examples=20_000, num_workers=0, eval_split="heldout", eval_batches=4)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)

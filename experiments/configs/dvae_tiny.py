@@ -2,13 +2,16 @@
 
 import ml_collections
 
+from dalle_jax import dvae_training, launch
+
 
 def get_config():
   config = ml_collections.ConfigDict()
   config.model = dict(resolution=16, group_count=3, n_hid=16, n_blk_per_group=1, n_init=8,
                       vocab_size=32, dtype="float32")
-  config.train = dict(batch_size=8, num_steps=8, learning_rate=1e-3, final_learning_rate=1e-4,
-                      schedule_scale=1e-3, ema_decay=0.9)
+  config.train = launch.config_section(
+      dvae_training.DVAETrainConfig, batch_size=8, num_steps=8, learning_rate=1e-3,
+      final_learning_rate=1e-4, schedule_scale=1e-3, ema_decay=0.9)
   config.data = dict(dataset="shapes", path="", split="train", crop="center", num_examples=256,
                      num_workers=0, eval_split="heldout", eval_batches=1)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)

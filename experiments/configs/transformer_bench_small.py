@@ -2,14 +2,17 @@
 
 import ml_collections
 
+from dalle_jax import launch, transformer_training
+
 
 def get_config():
   config = ml_collections.ConfigDict()
   config.model = dict(text_vocab_size=4096 - 64, text_len=64, image_vocab_size=1024,
                       image_size=16, width=256, depth=4, heads=4, head_dim=64, conv_kernel=11,
                       dtype="float32", remat=False, dropout=0.0, attention="dense")
-  config.train = dict(batch_size=8, num_steps=1_000, learning_rate=4.5e-4, warmup_steps=100,
-                      final_learning_rate=4.5e-6, ema_decay=0.99)
+  config.train = launch.config_section(
+      transformer_training.TransformerTrainConfig, batch_size=8, num_steps=1_000,
+      learning_rate=4.5e-4, warmup_steps=100, final_learning_rate=4.5e-6, ema_decay=0.99)
   config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", dvae_workdir="",
                      eval_batches=4)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)

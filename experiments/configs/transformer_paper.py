@@ -3,6 +3,8 @@
 
 import ml_collections
 
+from dalle_jax import launch, transformer_training
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -10,9 +12,10 @@ def get_config():
                       image_size=32, width=3_968, depth=64, heads=62, head_dim=64,
                       conv_kernel=11, dtype="bfloat16", remat=True, dropout=0.0,
                       attention="block_sparse")
-  config.train = dict(batch_size=1024, num_steps=430_000, learning_rate=4.5e-4,
-                      warmup_steps=5_000, decay="plateau", plateau_patience=5_000,
-                      ema_decay=0.99, caption_dropout=0.0)
+  config.train = launch.config_section(
+      transformer_training.TransformerTrainConfig, batch_size=1024, num_steps=430_000,
+      learning_rate=4.5e-4, warmup_steps=5_000, decay="plateau", plateau_patience=5_000,
+      ema_decay=0.99, caption_dropout=0.0)
   config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", dvae_workdir="",
                      eval_batches=16)
   # 62 heads split only 2 or 31 ways: FSDP carries most of the split.

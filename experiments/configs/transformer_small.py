@@ -3,14 +3,18 @@ experiments/configs/dvae_shapes.py; minutes on 2 cores."""
 
 import ml_collections
 
+from dalle_jax import launch, transformer_training
+
 
 def get_config():
   config = ml_collections.ConfigDict()
   config.model = dict(text_vocab_size=400, text_len=24, image_vocab_size=512, image_size=8,
                       width=256, depth=4, heads=4, head_dim=64, conv_kernel=5,
                       dtype="float32", remat=False, dropout=0.0, attention="dense")
-  config.train = dict(batch_size=32, num_steps=3_000, learning_rate=1e-3, warmup_steps=200,
-                      final_learning_rate=1e-5, ema_decay=0.99, caption_dropout=0.1)
+  config.train = launch.config_section(
+      transformer_training.TransformerTrainConfig, batch_size=32, num_steps=3_000,
+      learning_rate=1e-3, warmup_steps=200, final_learning_rate=1e-5, ema_decay=0.99,
+      caption_dropout=0.1)
   config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", dvae_workdir="",
                      eval_batches=8)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)

@@ -2,14 +2,17 @@
 
 import ml_collections
 
+from dalle_jax import launch, transformer_training
+
 
 def get_config():
   config = ml_collections.ConfigDict()
   config.model = dict(text_vocab_size=320, text_len=16, image_vocab_size=32, image_size=4,
                       width=32, depth=4, heads=4, head_dim=8, conv_kernel=3, dtype="float32",
                       remat=False, dropout=0.0, attention="dense")
-  config.train = dict(batch_size=8, num_steps=8, learning_rate=1e-3, warmup_steps=2,
-                      final_learning_rate=1e-4, ema_decay=0.9, caption_dropout=0.1)
+  config.train = launch.config_section(
+      transformer_training.TransformerTrainConfig, batch_size=8, num_steps=8, learning_rate=1e-3,
+      warmup_steps=2, final_learning_rate=1e-4, ema_decay=0.9, caption_dropout=0.1)
   # codes_dir: encode_dataset.py's shards; tokenizer_dir: train_tokenizer.py's; dvae_workdir:
   # the train_dvae.py run that encoded them (to decode samples).
   config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", dvae_workdir="",
