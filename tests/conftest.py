@@ -106,3 +106,49 @@ def make_stage2_data(root: str, *, vocab_size: int = 320, text_len: int = 16, gr
     codes_lib.write_shard(codes_lib.shard_path(codes_dir, 0, index), codes[part],
                           captions[part], [f"k{i}" for i in range(examples)][part])
   return tokenizer_dir, codes_dir
+
+
+def train_tiny_stages(root: str, *, dvae16: bool = False) -> dict[str, str]:
+  """2-step tiny runs trained side by side on `make_stage2_data`: `transformer` (its config naming
+  `dvae`, 16 px and 4x4 codes), `dvae`, `reranker`, and with `dvae16` a dVAE of 16 codes.
+  Returns their workdirs."""
+  import json
+  import subprocess
+  import sys
+
+  experiments = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "experiments")
+  configs = os.path.join(experiments, "configs")
+  env = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu"}
+  tokenizer_dir, codes_dir = make_stage2_data(root)
+  names = ("transformer", "dvae", "reranker") + (("dvae16",) if dvae16 else ())
+  paths = {name: os.path.join(root, name) for name in names}
+  dvae_flags = (f"--config={configs}/dvae_tiny.py", "--config.train.num_steps=2",
+                "--config.data.eval_split=")
+  commands = [
+      ("train_transformer.py", f"--config={configs}/transformer_tiny.py",
+       f"--workdir={paths['transformer']}", "--config.train.num_steps=2",
+       f"--config.data.codes_dir={codes_dir}", f"--config.data.tokenizer_dir={tokenizer_dir}"),
+      ("train_dvae.py", *dvae_flags, f"--workdir={paths['dvae']}"),
+      ("train_reranker.py", f"--config={configs}/reranker_tiny.py",
+       f"--workdir={paths['reranker']}", "--config.train.num_steps=2",
+       f"--config.data.tokenizer_dir={tokenizer_dir}", "--config.model.text_vocab_size=320",
+       "--config.data.num_examples=64"),
+  ]
+  if dvae16:
+    commands.append(("train_dvae.py", *dvae_flags, f"--workdir={paths['dvae16']}",
+                     "--config.model.vocab_size=16"))
+  processes = [subprocess.Popen([sys.executable, os.path.join(experiments, script), *flags],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for script, *flags in commands]
+  for process in processes:
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+  # Named only now: training would load the dVAE to draw sample grids.
+  config_path = os.path.join(paths["transformer"], "config.json")
+  with open(config_path) as f:
+    config = json.load(f)
+  config["data"]["dvae_workdir"] = paths["dvae"]
+  with open(config_path, "w") as f:
+    json.dump(config, f)
+  return paths

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CACHE_ENV, make_stage2_data
+from conftest import CACHE_ENV, train_tiny_stages
 from dalle_jax import dvae, dvae_training, image_grid, rerank
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import preprocess
@@ -45,33 +45,7 @@ def runs(tmp_path_factory):
   """A 2-step transformer (its config naming the dVAE), a matching 2-step dVAE, one with a
   16-code vocabulary and a 2-step reranker, trained side by side."""
   root = tmp_path_factory.mktemp("sample")
-  tokenizer_dir, codes_dir = make_stage2_data(str(root))
-  paths = {name: str(root / name) for name in ("transformer", "dvae", "dvae16", "reranker")}
-  dvae_flags = (f"--config={CONFIGS}/dvae_tiny.py", "--config.train.num_steps=2",
-                "--config.data.eval_split=")
-  processes = [
-      _start("train_transformer.py", f"--config={CONFIGS}/transformer_tiny.py",
-             f"--workdir={paths['transformer']}", "--config.train.num_steps=2",
-             f"--config.data.codes_dir={codes_dir}",
-             f"--config.data.tokenizer_dir={tokenizer_dir}"),
-      _start("train_dvae.py", *dvae_flags, f"--workdir={paths['dvae']}"),
-      _start("train_dvae.py", *dvae_flags, f"--workdir={paths['dvae16']}",
-             "--config.model.vocab_size=16"),
-      _start("train_reranker.py", f"--config={CONFIGS}/reranker_tiny.py",
-             f"--workdir={paths['reranker']}", "--config.train.num_steps=2",
-             f"--config.data.tokenizer_dir={tokenizer_dir}", "--config.model.text_vocab_size=320",
-             "--config.data.num_examples=64"),
-  ]
-  for process in processes:
-    _ok(process)
-  # Name the dVAE in the run's config only now: training would load it to draw sample grids.
-  config_path = os.path.join(paths["transformer"], "config.json")
-  with open(config_path) as f:
-    config = json.load(f)
-  config["data"]["dvae_workdir"] = paths["dvae"]
-  with open(config_path, "w") as f:
-    json.dump(config, f)
-  return paths
+  return train_tiny_stages(str(root), dvae16=True)
 
 
 def _sample(runs, out, *extra):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from conftest import CACHE_ENV, make_stage2_data
+from conftest import CACHE_ENV, train_tiny_stages
 from dalle_jax import zero_shot
 from dalle_jax.data import emoji, shapes
 
@@ -271,30 +271,7 @@ def runs(tmp_path_factory):
   """A 2-step tiny transformer whose config names a 2-step tiny dVAE (16 px, 4x4 codes), and a
   2-step reranker."""
   root = tmp_path_factory.mktemp("zero_shot")
-  tokenizer_dir, codes_dir = make_stage2_data(str(root))
-  paths = {name: str(root / name) for name in ("transformer", "dvae", "reranker")}
-  processes = [
-      _start("train_transformer.py", f"--config={CONFIGS}/transformer_tiny.py",
-             f"--workdir={paths['transformer']}", "--config.train.num_steps=2",
-             f"--config.data.codes_dir={codes_dir}",
-             f"--config.data.tokenizer_dir={tokenizer_dir}"),
-      _start("train_dvae.py", f"--config={CONFIGS}/dvae_tiny.py", f"--workdir={paths['dvae']}",
-             "--config.train.num_steps=2", "--config.data.eval_split="),
-      _start("train_reranker.py", f"--config={CONFIGS}/reranker_tiny.py",
-             f"--workdir={paths['reranker']}", "--config.train.num_steps=2",
-             f"--config.data.tokenizer_dir={tokenizer_dir}", "--config.model.text_vocab_size=320",
-             "--config.data.num_examples=64"),
-  ]
-  for process in processes:
-    _ok(process)
-  # Named only now: training would load the dVAE to draw sample grids.
-  config_path = os.path.join(paths["transformer"], "config.json")
-  with open(config_path) as f:
-    config = json.load(f)
-  config["data"]["dvae_workdir"] = paths["dvae"]
-  with open(config_path, "w") as f:
-    json.dump(config, f)
-  return paths
+  return train_tiny_stages(str(root))
 
 
 def _check_fractions(tree):
