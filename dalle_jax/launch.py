@@ -7,10 +7,13 @@ import json
 import os
 import types
 import typing
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 from ml_collections import config_dict
+import tqdm
+
+from dalle_jax import checkpointing, metrics_log
 
 
 # glibc's malloc asks for transparent huge pages for its big blocks. XLA:CPU allocates a step's
@@ -82,3 +85,24 @@ def prepare_workdir(workdir: str, config: dict) -> None:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)
+
+
+def open_run(workdir: str, config: Mapping[str, Any], init_state: Callable[[jax.Array], Any],
+             create_state: Callable[[], Any], shardings: Any
+             ) -> tuple[Any, dict[str, Any] | None, checkpointing.Checkpointer,
+                        metrics_log.MetricsLog]:
+  """A launch's state, restored from `workdir`'s latest complete checkpoint or made fresh
+  (`checkpointing.restore_or_create`), with that checkpoint's extras (None when fresh), the
+  checkpointer (`config.keep_checkpoints`, `config.checkpoint_every`) and the metrics log,
+  continued from the restored step (host 0 writes it)."""
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            keep=config["keep_checkpoints"],
+                                            every=config["checkpoint_every"])
+  state, extras = checkpointing.restore_or_create(checkpointer, init_state, create_state,
+                                                  shardings)
+  tqdm.tqdm.write("starting from scratch" if extras is None
+                  else f"resumed from step {int(state.step)}")
+  log = metrics_log.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
+                               resume_step=None if extras is None else int(state.step),
+                               enabled=jax.process_index() == 0)
+  return state, extras, checkpointer, log

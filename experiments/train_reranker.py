@@ -19,7 +19,7 @@ import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import checkpointing, launch, metrics_log, rerank, sharding, train_state
+from dalle_jax import launch, rerank, sharding, train_state
 from dalle_jax import data as data_lib
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import pipeline
@@ -79,21 +79,13 @@ def main(argv):
 
   # ---------------------------------------------------------------- model, optimiser, sharding
   shardings = rerank.state_shardings(model, train, mesh)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            keep=config.keep_checkpoints,
-                                            every=config.checkpoint_every)
-  state, extras = checkpointing.restore_or_create(
-      checkpointer, lambda rng: rerank.init_state(model, train, rng),
+  state, extras, checkpointer, log = launch.open_run(
+      workdir, config, lambda rng: rerank.init_state(model, train, rng),
       lambda: rerank.create_sharded_state(model, train, mesh, shardings), shardings)
   if extras is not None:
     loader.set_state(extras["loader"])
-  tqdm.tqdm.write("starting from scratch" if extras is None
-                  else f"resumed from step {int(state.step)}")
   start = int(state.step)
   train_step = rerank.make_train_step(model, train, mesh, shardings)
-  log = metrics_log.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
-                               resume_step=start if extras is not None else None,
-                               enabled=jax.process_index() == 0)
   batch_sharding = sharding.batch_sharding(mesh)
 
   # ---------------------------------------------------------------- loop

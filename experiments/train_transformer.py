@@ -21,8 +21,8 @@ import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import (checkpointing, dvae_training, image_grid, launch, metrics_log, sampling,
-                       sharding, tensorboard, train_state, transformer_training)
+from dalle_jax import (dvae_training, image_grid, launch, sampling, sharding, tensorboard,
+                       train_state, transformer_training)
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import codes as codes_lib
 from dalle_jax.transformer import TransformerConfig
@@ -129,22 +129,14 @@ def main(argv):
 
   # ---------------------------------------------------------------- model, optimiser, sharding
   shardings = transformer_training.state_shardings(model, train, mesh)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            keep=config.keep_checkpoints,
-                                            every=config.checkpoint_every)
-  state, extras = checkpointing.restore_or_create(
-      checkpointer, lambda rng: transformer_training.init_state(model, train, rng),
+  state, extras, checkpointer, log = launch.open_run(
+      workdir, config, lambda rng: transformer_training.init_state(model, train, rng),
       lambda: transformer_training.create_sharded_state(model, train, mesh, shardings), shardings)
   if extras is not None:
     batches.set_state(extras["data"])
-  tqdm.tqdm.write("starting from scratch" if extras is None
-                  else f"resumed from step {int(state.step)}")
   start = int(state.step)
   train_step = transformer_training.make_train_step(model, train, mesh, shardings)
   eval_step = transformer_training.make_eval_step(model, mesh, shardings.params)
-  log = metrics_log.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
-                               resume_step=start if extras is not None else None,
-                               enabled=jax.process_index() == 0)
   events = (tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
             if jax.process_index() == 0 else None)
   to_global = lambda batch: sharding.host_batch_to_global(batch, sharding.batch_sharding(mesh))
