@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 from typing import Any
@@ -354,31 +353,14 @@ def load_trained(workdir: str, step: int | None = None, ema: bool = True
   Raises FileNotFoundError when `workdir` holds no config.json, tokenizer or complete checkpoint,
   and ValueError when the checkpoint does not match the config.
   """
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found: is {workdir!r} a train_reranker.py "
-                            "workdir?")
-  with open(config_path) as f:
-    run_config = json.load(f)
+  run_config = checkpointing.read_run_config(workdir, "train_reranker.py")
   config = RerankerConfig(**run_config["model"])
   train = RerankerTrainConfig(**run_config["train"])
   tokenizer_dir = os.path.join(os.path.abspath(workdir), TOKENIZER_DIR)
   if not os.path.isdir(tokenizer_dir):
     raise FileNotFoundError(f"{tokenizer_dir} not found: the run saves its tokenizer there")
   abstract = jax.eval_shape(lambda: init_state(config, train, jax.random.key(0)))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = checkpointing.abstract_like(abstract, jax.tree.map(lambda _: device, abstract))
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    restored = checkpointer.restore(target, step)
-  except (ValueError, KeyError, TypeError) as error:
-    raise ValueError(f"the checkpoint in {workdir} does not match its config.json "
-                     f"({config}): {error}") from error
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise FileNotFoundError(f"no complete checkpoint in {workdir}/checkpoints")
-  state = restored[0]
+  state = checkpointing.restore_run(workdir, abstract, step)
   return config, state.ema_params if ema else state.params, tokenizer_dir
 
 
