@@ -40,11 +40,13 @@ test: setup
 
 # The main job: tokenizer, dVAE, encoding, reranker, transformer and reranked samples on the
 # shapes set, into $(OUT)/ (samples.png, reconstructions.png, loss_curves.png, metrics.json).
-# STEPS_SCALE=4 make demo trains every stage four times longer; DATASET=emoji make demo uses the
-# emoji set (32x32, longer) instead of shapes.
+# STEPS_SCALE=4 make demo trains every stage four times longer (DVAE_STEPS_SCALE, if set, the
+# dVAE alone); DATASET=emoji make demo uses the emoji set (32x32, longer) instead of shapes.
 STEPS_SCALE ?= 1
+DVAE_STEPS_SCALE ?=
 demo: setup
-	$(PY) experiments/demo.py --out=$(OUT) --steps_scale=$(STEPS_SCALE) --dataset=$(DATASET)
+	$(PY) experiments/demo.py --out=$(OUT) --steps_scale=$(STEPS_SCALE) --dataset=$(DATASET) \
+	  $(if $(DVAE_STEPS_SCALE),--dvae_steps_scale=$(DVAE_STEPS_SCALE))
 
 clean:
 	rm -rf $(VENV) $(OUT) *.egg-info
