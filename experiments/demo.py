@@ -2,7 +2,7 @@
 
   python experiments/demo.py --out=demo_out                   # shapes, about 15 minutes on 2 cores
   python experiments/demo.py --out=demo_out --steps_scale=4   # longer runs, better samples
-  python experiments/demo.py --out=demo_emoji --dataset=emoji # emoji at 32x32, about 25 minutes
+  python experiments/demo.py --out=demo_emoji --dataset=emoji # emoji at 32x32, longer
 
 Runs every stage's script in turn, each in its own workdir under `--out/work` (so a killed demo
 started again resumes where it stopped: every stage resumes or skips finished work):
