@@ -18,8 +18,11 @@ captions, and judges them with `dalle_jax/zero_shot.py`:
 
 Half of the shapes captions have one object, half two; held-out ones contain a colour-shape pair
 never seen in training. Sample g (over all captions, held-out first) draws from
-`fold_in(key(seed), g)`. The JSON goes to --out; --grid writes the samples, held-out framed red.
-`evaluate(...)` is the same run as a function (experiments/demo.py calls it).
+`fold_in(key(seed), g)`. With `--candidates=N --reranker=DIR` each caption gets N samples and a
+train_reranker.py run keeps the `--samples_per_caption` it scores best, as the paper reranks;
+the JSON then also holds each split's figures over all N (`without_reranking`). The JSON goes to
+--out; --grid writes the samples, held-out framed red. `evaluate(...)` is the same run as a
+function.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from dalle_jax.sampling import SampleSettings
 
 DATASETS = ("shapes", "emoji")
 SPLITS = ("heldout", "train")
+UNRERANKED_KEYS = ("accuracy", "count", "attributes", "tone_accuracy", "tone_count")
 
 # ---------------------------------------------------------------------------------------------
 # Loading the trained run.
@@ -326,9 +330,6 @@ def evaluate(transformer_workdir: str, dataset: str = "shapes", *, num_captions:
     grid.save(grid_path)
     results["grid"] = grid_path
   return results
-
-
-UNRERANKED_KEYS = ("accuracy", "count", "attributes", "tone_accuracy", "tone_count")
 
 
 def _make_parent(path: str) -> None:
