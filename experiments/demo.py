@@ -197,7 +197,8 @@ def main(argv):
   out = os.path.abspath(FLAGS.out)
   work = os.path.join(out, "work")
   check_dataset(work, FLAGS.dataset)
-  scales = {"dvae": FLAGS.dvae_steps_scale or FLAGS.steps_scale}
+  dvae_scale = FLAGS.dvae_steps_scale
+  scales = {"dvae": FLAGS.steps_scale if dvae_scale is None else dvae_scale}
   steps = {k: max(1, round(v * scales.get(k, FLAGS.steps_scale))) for k, v in plan.steps.items()}
   path = lambda *p: os.path.join(work, *p)
   timings = {}
@@ -303,7 +304,7 @@ def define_flags() -> None:
                      "Multiplies every stage's training steps (and the dVAE's schedules).")
   # Shape fidelity comes from dVAE length: the dVAE is the cheap stage to stretch.
   flags.DEFINE_float("dvae_steps_scale", None,
-                     "The dVAE's own --steps_scale (default: --steps_scale).", lower_bound=0.0)
+                     "The dVAE's own --steps_scale (default: --steps_scale).", lower_bound=1e-6)
   flags.DEFINE_integer("samples_per_caption", 4, "Images shown per caption.")
   flags.DEFINE_integer("candidates", 16, "Samples drawn per caption for reranking.")
   flags.DEFINE_integer("zero_shot_captions", 48, "Captions per split (held-out, training) "

@@ -180,15 +180,10 @@ def _failed(verdict: dict[str, bool]) -> str:
   return "ok" if not wrong else "x: " + ", ".join(wrong)
 
 
-def judge_shapes_split(scenes: Sequence[shapes.Scene], images: np.ndarray, seed: int,
-                       chance_draws: int, reconstruct: Callable[[np.ndarray], np.ndarray]
-                       ) -> tuple[dict, list[str]]:
-  """The split's summary with its chance level and ceilings, and a label per image.
-
-  Ceilings: a jittered ground-truth render of each caption judged as drawn (the judge's own
-  accuracy) and through the dVAE (the most a transformer can get with this dVAE).
-  """
-  resolution = images.shape[2]
+def judge_shapes_samples(scenes: Sequence[shapes.Scene], images: np.ndarray
+                         ) -> tuple[dict, list[str]]:
+  """Every sample judged: `zero_shot.summarize` with the verdicts per caption, and a label per
+  image."""
   per_caption, labels, verdicts = [], [], []
   for scene, samples in zip(scenes, images):
     judged = [zero_shot.judge_shapes(image, scene) for image in samples]
@@ -198,6 +193,20 @@ def judge_shapes_split(scenes: Sequence[shapes.Scene], images: np.ndarray, seed:
                         "accuracy": float(np.mean([v["all"] for v in judged])),
                         "verdicts": judged})
   summary = zero_shot.summarize(verdicts)
+  summary["captions"] = per_caption
+  return summary, labels
+
+
+def judge_shapes_split(scenes: Sequence[shapes.Scene], images: np.ndarray, seed: int,
+                       chance_draws: int, reconstruct: Callable[[np.ndarray], np.ndarray]
+                       ) -> tuple[dict, list[str]]:
+  """The split's summary with its chance level and ceilings, and a label per image.
+
+  Ceilings: a jittered ground-truth render of each caption judged as drawn (the judge's own
+  accuracy) and through the dVAE (the most a transformer can get with this dVAE).
+  """
+  resolution = images.shape[2]
+  summary, labels = judge_shapes_samples(scenes, images)
   summary["chance"] = zero_shot.shapes_chance(scenes, resolution, chance_draws, seed)
   summary["chance"]["method"] = zero_shot.CHANCE_METHOD
   rng = np.random.default_rng(seed)
@@ -206,23 +215,26 @@ def judge_shapes_split(scenes: Sequence[shapes.Scene], images: np.ndarray, seed:
                          ("judge_on_dvae_reconstructions", reconstruct(truths))):
     summary[name] = zero_shot.summarize(
         [zero_shot.judge_shapes(p, s) for p, s in zip(pictures, scenes)])
-  summary["captions"] = per_caption
   return summary, labels
 
 
-def judge_emoji_split(chosen: Sequence[emoji.EmojiEntry], images: np.ndarray,
-                      families: dict[str, tuple[emoji.EmojiEntry, ...]],
-                      reconstruct: Callable[[np.ndarray], np.ndarray]) -> tuple[dict, list[str]]:
-  """Variant retrieval over each entry's family (and over its skin tones), a label per image,
-  and the ceiling: how often the dVAE's reconstruction of the true image retrieves itself."""
-  resolution = images.shape[2]
-  renders: dict[str, np.ndarray] = {}
+def family_renders(chosen: Sequence[emoji.EmojiEntry],
+                   families: dict[str, tuple[emoji.EmojiEntry, ...]], resolution: int
+                   ) -> dict[str, np.ndarray]:
+  """Each chosen entry's family drawn: family -> uint8[members, res, res, 3]."""
+  return {family: np.stack([emoji.render_emoji(m.sequence, resolution)
+                            for m in families[family]])
+          for family in dict.fromkeys(e.family for e in chosen)}
+
+
+def judge_emoji_samples(chosen: Sequence[emoji.EmojiEntry], images: np.ndarray,
+                        families: dict[str, tuple[emoji.EmojiEntry, ...]],
+                        renders: dict[str, np.ndarray]) -> tuple[dict, list[str]]:
+  """Variant retrieval over each entry's family (`renders`, from `family_renders`) and over its
+  skin tones, with chance levels, and a label per image."""
   right, tone_right, chance, tone_chance, labels, per_caption = [], [], [], [], [], []
   for entry, samples in zip(chosen, images):
     members = families[entry.family]
-    if entry.family not in renders:
-      renders[entry.family] = np.stack([emoji.render_emoji(m.sequence, resolution)
-                                        for m in members])
     variants, own = renders[entry.family], members.index(entry)
     nearest = [zero_shot.nearest_variant(image, variants) for image in samples]
     right += [n == own for n in nearest]
@@ -237,15 +249,28 @@ def judge_emoji_split(chosen: Sequence[emoji.EmojiEntry], images: np.ndarray,
     per_caption.append({"caption": entry.name, "family_size": len(members),
                         "accuracy": float(np.mean([n == own for n in nearest])),
                         "nearest": [members[n].name for n in nearest]})
-  own = [renders[e.family][families[e.family].index(e)] for e in chosen]
-  ceiling = [zero_shot.nearest_variant(r, renders[e.family]) == families[e.family].index(e)
-             for e, r in zip(chosen, reconstruct(np.stack(own)))]
-  mean = lambda xs: float(np.mean(xs)) if xs else 0.0
-  summary = {"accuracy": mean(right), "count": len(right), "chance": {"accuracy": mean(chance)},
-             "tone_accuracy": mean(tone_right), "tone_count": len(tone_right),
-             "tone_chance": mean(tone_chance),
-             "dvae_reconstruction_accuracy": mean(ceiling), "captions": per_caption}
+  summary = {"accuracy": _mean(right), "count": len(right), "chance": {"accuracy": _mean(chance)},
+             "tone_accuracy": _mean(tone_right), "tone_count": len(tone_right),
+             "tone_chance": _mean(tone_chance), "captions": per_caption}
   return summary, labels
+
+
+def judge_emoji_split(chosen: Sequence[emoji.EmojiEntry], images: np.ndarray,
+                      families: dict[str, tuple[emoji.EmojiEntry, ...]],
+                      reconstruct: Callable[[np.ndarray], np.ndarray]) -> tuple[dict, list[str]]:
+  """`judge_emoji_samples`, and the ceiling: how often the dVAE's reconstruction of the true
+  image retrieves itself."""
+  renders = family_renders(chosen, families, images.shape[2])
+  summary, labels = judge_emoji_samples(chosen, images, families, renders)
+  own = [renders[e.family][families[e.family].index(e)] for e in chosen]
+  summary["dvae_reconstruction_accuracy"] = _mean(
+      [zero_shot.nearest_variant(r, renders[e.family]) == families[e.family].index(e)
+       for e, r in zip(chosen, reconstruct(np.stack(own)))])
+  return summary, labels
+
+
+def _mean(xs: Sequence[float]) -> float:
+  return float(np.mean(xs)) if xs else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,11 +335,19 @@ def evaluate(transformer_workdir: str, dataset: str = "shapes", *, num_captions:
       return judge_shapes_split(chosen[split], samples, seed, chance_draws, reconstruct)
     return judge_emoji_split(chosen[split], samples, families, reconstruct)
 
+  def judge_candidates(split: str, samples: np.ndarray) -> dict:
+    """Every candidate: the samples' figures only (chance and ceilings do not change)."""
+    if dataset == "shapes":
+      every = judge_shapes_samples(chosen[split], samples)[0]
+    else:
+      renders = family_renders(chosen[split], families, samples.shape[2])
+      every = judge_emoji_samples(chosen[split], samples, families, renders)[0]
+    return {k: every[k] for k in UNRERANKED_KEYS if k in every}
+
   for split, offset in zip(SPLITS, (0, num_captions)):
     summary, split_labels = judge(split, split_images[split])
     if reranker is not None:
-      every = judge(split, drawn[offset:offset + num_captions])[0]
-      summary["without_reranking"] = {k: every[k] for k in UNRERANKED_KEYS if k in every}
+      summary["without_reranking"] = judge_candidates(split, drawn[offset:offset + num_captions])
     results[split], labels = summary, labels + split_labels
   results.update({"heldout_accuracy": results["heldout"]["accuracy"],
                   "train_accuracy": results["train"]["accuracy"],
