@@ -15,6 +15,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from dalle_jax import checkpointing, dvae, dvae_objective, schedules, sharding, train_state
@@ -38,6 +39,9 @@ class DVAETrainConfig:
   tau_end: float = 1.0 / 16
   tau_steps: int = 150_000
   min_log_scale: float | None = None  # floor on the decoder's ln b; not the paper's (no floor)
+  # Not the paper's: the last fraction of num_steps trains the decoder alone on the encoder's argmax
+  # codes (`dvae_objective.relaxed_elb`'s decoder_only); 0 for none.
+  decoder_finetune_fraction: float = 0.0
   schedule_scale: float = 1.0
   adam_b1: float = 0.9
   adam_b2: float = 0.999
@@ -58,9 +62,16 @@ class DVAETrainConfig:
       raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
     if self.schedule_scale <= 0:
       raise ValueError(f"schedule_scale must be positive, got {self.schedule_scale}")
+    if not 0 <= self.decoder_finetune_fraction < 1:
+      raise ValueError("decoder_finetune_fraction must be in [0, 1) (the encoder needs some "
+                       f"steps), got {self.decoder_finetune_fraction}")
 
   def steps(self, n: int) -> int:
     return max(1, round(n * self.schedule_scale))
+
+  def finetune_start(self) -> int:
+    """The first step of the decoder-only phase (num_steps when there is none)."""
+    return self.num_steps - round(self.decoder_finetune_fraction * self.num_steps)
 
   def beta_schedule(self) -> optax.Schedule:
     return schedules.cosine_anneal(0.0, self.beta, self.steps(self.beta_warmup_steps))
@@ -111,18 +122,26 @@ def create_sharded_state(model: dvae.DVAEConfig, train: DVAETrainConfig, mesh,
 
 def train_step(model: dvae.DVAEConfig, train: DVAETrainConfig, state: TrainState,
                images: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One AdamW update on the relaxed ELB; the pure function that `make_train_step` compiles."""
+  """One AdamW update on the relaxed ELB (or, in the decoder-only last phase, on the argmax codes'
+  NLL with the encoder frozen); the pure function that `make_train_step` compiles."""
   step_rng = train_state.step_rng(state)
   tau = train.tau_schedule()(state.step)
   beta = train.beta_schedule()(state.step)
 
+  decoder_only = state.step >= train.finetune_start()
+
   def loss_fn(params):
     return dvae_objective.relaxed_elb(model, params, images, step_rng, tau, beta,
-                                      train.min_log_scale)
+                                      train.min_log_scale, decoder_only)
+
+  frozen = None
+  if train.decoder_finetune_fraction:  # the encoder's Adam momentum would still move it
+    frozen = {"encoder": jax.tree.map(lambda _: decoder_only, state.params["encoder"]),
+              "decoder": jax.tree.map(lambda _: jnp.zeros((), bool), state.params["decoder"])}
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state, update_metrics = train_state.apply_gradients(state, grads, loss,
-                                                          make_optimizer(train), train.ema_decay)
+  new_state, update_metrics = train_state.apply_gradients(
+      state, grads, loss, make_optimizer(train), train.ema_decay, frozen=frozen)
   metrics.update(update_metrics, tau=tau, beta=beta,
                  learning_rate=train.lr_schedule()(state.step))
   return new_state, metrics

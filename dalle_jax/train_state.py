@@ -40,12 +40,17 @@ def step_rng(state: TrainState) -> jax.Array:
 
 def apply_gradients(state: TrainState, grads: Any, loss: jax.Array,
                     optimizer: optax.GradientTransformation, ema_decay: float,
-                    **extra_args: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+                    frozen: Any | None = None, **extra_args: Any
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser update and EMA step, skipped (but counted) if loss or gradient is not finite.
 
-  `extra_args` go to `optimizer.update` (e.g. `value=loss` for reduce-on-plateau).
+  `frozen`: None, or a tree of bool[] like `state.params`; a True leaf is not updated (neither
+  Adam's momentum nor weight decay moves it). `extra_args` go to `optimizer.update` (e.g.
+  `value=loss` for reduce-on-plateau).
   """
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra_args)
+  if frozen is not None:
+    updates = jax.tree.map(lambda u, f: jnp.where(f, jnp.zeros_like(u), u), updates, frozen)
   params = optax.apply_updates(state.params, updates)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
   grad_norm = optax.tree.norm(grads)

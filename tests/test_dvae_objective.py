@@ -79,3 +79,20 @@ def test_relaxed_elb_parts_add_up():
   np.testing.assert_allclose(m["elb_bpd"], m["nll_bpd"] + m["kl_bpd"], rtol=1e-5)
   np.testing.assert_allclose(loss, (m["nll_bpd"] + 2.0 * m["kl_bpd"]) * np.log(2), rtol=1e-5)
   np.testing.assert_allclose(m["elb_nats"], m["elb_bpd"] * dims_bits, rtol=1e-5)
+
+
+def test_decoder_only_is_the_decoders_nll_on_argmax_codes_and_leaves_the_encoder_alone():
+  config = dvae.DVAEConfig(resolution=16, group_count=3, n_hid=16, n_blk_per_group=1, n_init=8,
+                           vocab_size=32)
+  params = dvae.init(config, jax.random.key(0))
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)), jnp.uint8)
+  loss_fn = lambda p: dvae_objective.relaxed_elb(config, p, images, jax.random.key(1), 0.5, 2.0,
+                                                 -2.0, decoder_only=jnp.array(True))
+  (loss, m), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  codes = dvae.encode(config, params, images)
+  stats = dvae.decoder_stats(config, params, jax.nn.one_hot(codes, 32))
+  nll = dvae_objective.logit_laplace_nll(dvae.map_pixels(images), stats, -2.0)
+  np.testing.assert_allclose(loss, nll.mean() / (16 * 16 * 3), rtol=1e-5)
+  np.testing.assert_allclose(m["nll_bpd"] * np.log(2), loss, rtol=1e-5)
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["encoder"]))
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["decoder"]))

@@ -1,5 +1,7 @@
 """dalle_jax/dvae_training.py: sharded steps equal one device, non-finite steps, a falling loss."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,3 +102,23 @@ def test_bad_training_configs_are_refused():
     dvae_training.DVAETrainConfig(on_nonfinite="ignore")
   with pytest.raises(ValueError, match="tau_end"):
     dvae_training.DVAETrainConfig(tau_end=2.0)
+  with pytest.raises(ValueError, match="decoder_finetune_fraction"):
+    dvae_training.DVAETrainConfig(decoder_finetune_fraction=1.0)
+
+
+def test_the_decoder_only_last_phase_freezes_the_encoder_and_trains_the_decoder(state, batches):
+  train = dataclasses.replace(TRAIN, num_steps=4, decoder_finetune_fraction=0.5)
+  assert train.finetune_start() == 2
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  shardings = dvae_training.state_shardings(MODEL, train, mesh, 0)
+  step = dvae_training.make_train_step(MODEL, train, mesh, shardings)
+  states = [jax.device_get(state)]
+  current = _placed(state, shardings)
+  for images in batches:
+    current, _ = step(current, images)
+    states.append(jax.device_get(current))
+  part = lambda s, name: jax.tree.leaves(s.params[name])
+  changed = lambda a, b, name: any(np.any(x != y) for x, y in zip(part(a, name), part(b, name)))
+  assert changed(states[0], states[2], "encoder")  # steps 0 and 1: the relaxed ELB moves both
+  assert not changed(states[2], states[4], "encoder")  # steps 2 and 3: no Adam momentum either
+  assert changed(states[2], states[3], "decoder") and changed(states[3], states[4], "decoder")
