@@ -73,6 +73,9 @@ def main(argv):
   if extras is not None:
     loader.set_state(extras["loader"])
   start = int(state.step)
+  if train.decoder_finetune_fraction:
+    print(f"steps {train.finetune_start() + 1}-{train.num_steps}: the decoder alone, on the "
+          "encoder's argmax codes (decoder_finetune_fraction)")
   train_step = dvae_training.make_train_step(model, train, mesh, shardings)
   batch_sharding = sharding.batch_sharding(mesh)
 
