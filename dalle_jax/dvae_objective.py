@@ -61,7 +61,7 @@ def code_statistics(codes: jax.Array, vocab_size: int) -> dict[str, jax.Array]:
 
 def relaxed_elb(config: dvae.DVAEConfig, params: dict, images: jax.Array, rng: jax.Array,
                 tau: jax.Array, beta: jax.Array, min_log_scale: float | None = None,
-                decoder_only: jax.Array | bool = False
+                decoder_only: jax.Array | None = None
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training loss (mean over the batch, per pixel dimension) and its parts.
 
@@ -69,9 +69,9 @@ def relaxed_elb(config: dvae.DVAEConfig, params: dict, images: jax.Array, rng: j
     images: uint8[B, H, W, 3].
     tau: Gumbel-softmax temperature; beta: weight of the KL term.
     min_log_scale: floor on the decoder's ln b (see `logit_laplace_nll`); None for the paper's.
-    decoder_only: bool[], may be traced. Not the paper's: True gives the decoder the encoder's
-      argmax codes, the one-hots it is given at sampling time, with no gradient to the encoder and
-      the KL reported but not optimised. Trained on Gumbel samples only, the decoder hedges
+    decoder_only: None (the paper's), or bool[], may be traced. Not the paper's: True gives the
+      decoder the encoder's argmax codes, the one-hots it is given at sampling time, with no
+      gradient to the encoder and the KL reported but not optimised. Trained on Gumbel samples only, the decoder hedges
       between the codes the noise could have drawn and blurs small details (the points of a
       7-pixel star); a last phase of this fits it to the codes it will decode.
 
@@ -81,15 +81,19 @@ def relaxed_elb(config: dvae.DVAEConfig, params: dict, images: jax.Array, rng: j
   """
   x = dvae.map_pixels(images)
   logits = dvae.Encoder(config).apply({"params": params["encoder"]}, x)
-  # Selects rather than branches: one graph for both phases, switched by a traced step count.
-  logits = jnp.where(decoder_only, jax.lax.stop_gradient(logits), logits)
-  argmax_codes = jax.nn.one_hot(jnp.argmax(logits, -1), config.vocab_size, dtype=logits.dtype)
-  z = jnp.where(decoder_only, argmax_codes, gumbel_softmax(rng, logits, tau))
+  kl_weight = beta
+  if decoder_only is None:
+    z = gumbel_softmax(rng, logits, tau)
+  else:  # selects rather than branches: one graph for both phases, switched by the step count
+    logits = jnp.where(decoder_only, jax.lax.stop_gradient(logits), logits)
+    argmax_codes = jax.nn.one_hot(jnp.argmax(logits, -1), config.vocab_size, dtype=logits.dtype)
+    z = jnp.where(decoder_only, argmax_codes, gumbel_softmax(rng, logits, tau))
+    kl_weight = jnp.where(decoder_only, 0.0, beta)
   stats = dvae.Decoder(config).apply({"params": params["decoder"]}, z)
   nll = logit_laplace_nll(x, stats, min_log_scale)
   kl = kl_to_uniform(logits)
   dims = np.prod(images.shape[1:])
-  loss = jnp.mean(nll + jnp.where(decoder_only, 0.0, beta) * kl) / dims
+  loss = jnp.mean(nll + kl_weight * kl) / dims
   to_bits = 1.0 / (dims * np.log(2.0))
   metrics = {"loss": loss, "nll_bpd": jnp.mean(nll) * to_bits, "kl_bpd": jnp.mean(kl) * to_bits,
              "elb_bpd": jnp.mean(nll + kl) * to_bits, "elb_nats": jnp.mean(nll + kl)}

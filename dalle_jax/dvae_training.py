@@ -15,7 +15,6 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from dalle_jax import checkpointing, dvae, dvae_objective, schedules, sharding, train_state
@@ -128,16 +127,16 @@ def train_step(model: dvae.DVAEConfig, train: DVAETrainConfig, state: TrainState
   tau = train.tau_schedule()(state.step)
   beta = train.beta_schedule()(state.step)
 
-  decoder_only = state.step >= train.finetune_start()
+  decoder_only, frozen = None, None  # the paper's: no decoder-only phase, nothing extra computed
+  if train.decoder_finetune_fraction:
+    decoder_only = state.step >= train.finetune_start()
+    # Without freezing, the encoder's Adam momentum and weight decay would still move it.
+    frozen = {"encoder": jax.tree.map(lambda _: decoder_only, state.params["encoder"]),
+              "decoder": jax.tree.map(lambda _: False, state.params["decoder"])}
 
   def loss_fn(params):
     return dvae_objective.relaxed_elb(model, params, images, step_rng, tau, beta,
                                       train.min_log_scale, decoder_only)
-
-  frozen = None
-  if train.decoder_finetune_fraction:  # the encoder's Adam momentum would still move it
-    frozen = {"encoder": jax.tree.map(lambda _: decoder_only, state.params["encoder"]),
-              "decoder": jax.tree.map(lambda _: jnp.zeros((), bool), state.params["decoder"])}
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state, update_metrics = train_state.apply_gradients(

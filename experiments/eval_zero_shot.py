@@ -257,10 +257,12 @@ def judge_emoji_samples(chosen: Sequence[emoji.EmojiEntry], images: np.ndarray,
 
 def judge_emoji_split(chosen: Sequence[emoji.EmojiEntry], images: np.ndarray,
                       families: dict[str, tuple[emoji.EmojiEntry, ...]],
-                      reconstruct: Callable[[np.ndarray], np.ndarray]) -> tuple[dict, list[str]]:
+                      reconstruct: Callable[[np.ndarray], np.ndarray], *,
+                      renders: dict[str, np.ndarray] | None = None) -> tuple[dict, list[str]]:
   """`judge_emoji_samples`, and the ceiling: how often the dVAE's reconstruction of the true
-  image retrieves itself."""
-  renders = family_renders(chosen, families, images.shape[2])
+  image retrieves itself. `renders`: `family_renders` of `chosen`, if already drawn."""
+  if renders is None:
+    renders = family_renders(chosen, families, images.shape[2])
   summary, labels = judge_emoji_samples(chosen, images, families, renders)
   own = [renders[e.family][families[e.family].index(e)] for e in chosen]
   summary["dvae_reconstruction_accuracy"] = _mean(
@@ -329,19 +331,21 @@ def evaluate(transformer_workdir: str, dataset: str = "shapes", *, num_captions:
       "resolution": int(images.shape[2]), "truncated_captions": int(sum(truncated)),
   }
   labels, reconstruct = [], reconstructor(models)
+  renders = {split: family_renders(chosen[split], families, int(images.shape[2]))
+             for split in SPLITS} if dataset == "emoji" else {}  # drawn once, judged twice
 
   def judge(split: str, samples: np.ndarray) -> tuple[dict, list[str]]:
     if dataset == "shapes":
       return judge_shapes_split(chosen[split], samples, seed, chance_draws, reconstruct)
-    return judge_emoji_split(chosen[split], samples, families, reconstruct)
+    return judge_emoji_split(chosen[split], samples, families, reconstruct,
+                             renders=renders[split])
 
   def judge_candidates(split: str, samples: np.ndarray) -> dict:
     """Every candidate: the samples' figures only (chance and ceilings do not change)."""
     if dataset == "shapes":
       every = judge_shapes_samples(chosen[split], samples)[0]
     else:
-      renders = family_renders(chosen[split], families, samples.shape[2])
-      every = judge_emoji_samples(chosen[split], samples, families, renders)[0]
+      every = judge_emoji_samples(chosen[split], samples, families, renders[split])[0]
     return {k: every[k] for k in UNRERANKED_KEYS if k in every}
 
   for split, offset in zip(SPLITS, (0, num_captions)):
