@@ -48,7 +48,8 @@ def test_plan_configs_fit_each_other(dataset, tmp_path):
   text = int(_flag(flags, "vocab_size")), int(_flag(flags, "text_len"))
   dvae_config = _config(plan.dvae_config)
   model = dvae.DVAEConfig(**dvae_config.model)
-  transformer = TransformerConfig(**_config(plan.transformer_config).model)
+  transformer_config = _config(plan.transformer_config)
+  transformer = TransformerConfig(**transformer_config.model)
   reranker_config = _config(plan.reranker_config)
   reranker = rerank.RerankerConfig(**reranker_config.model)
   assert (transformer.text_vocab_size, transformer.text_len) == text
@@ -60,6 +61,8 @@ def test_plan_configs_fit_each_other(dataset, tmp_path):
   assert dvae_config.data.split == reranker_config.data.split == "train"
   assert set(plan.encode_counts) == {"train", "heldout"}
   assert set(plan.steps) == {"dvae", "reranker", "transformer"}
+  # Guidance mixes in the empty caption's logits: only a model trained on empty captions has them.
+  assert plan.guidance == 1.0 or transformer_config.train.caption_dropout > 0
 
 
 def test_shapes_captions_hold_out_first():
