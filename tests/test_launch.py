@@ -48,7 +48,7 @@ def test_every_config_lists_every_train_field(path):
 @pytest.mark.parametrize("name", ["dvae_emoji64.py", "dvae_emoji32.py"])
 def test_fields_a_config_leaves_at_their_default_parse_from_the_command_line(name):
   # Before config_section these were refused: the config file did not hold them. dvae_emoji32
-  # derives from dvae_emoji64 and sets min_log_scale back to None.
+  # derives from dvae_emoji64.
   path = os.path.join(CONFIGS, name)
   argv = ["prog", f"--config={path}", "--config.train.min_log_scale=-2.5",
           "--config.train.tau_end=0.1", "--config.train.beta=3"]
