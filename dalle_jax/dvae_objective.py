@@ -71,9 +71,10 @@ def relaxed_elb(config: dvae.DVAEConfig, params: dict, images: jax.Array, rng: j
     min_log_scale: floor on the decoder's ln b (see `logit_laplace_nll`); None for the paper's.
     decoder_only: None (the paper's), or bool[], may be traced. Not the paper's: True gives the
       decoder the encoder's argmax codes, the one-hots it is given at sampling time, with no
-      gradient to the encoder and the KL reported but not optimised. Trained on Gumbel samples only, the decoder hedges
-      between the codes the noise could have drawn and blurs small details (the points of a
-      7-pixel star); a last phase of this fits it to the codes it will decode.
+      gradient to the encoder and the KL reported but not optimised. Trained on Gumbel samples
+      only, the decoder hedges between the codes the noise could have drawn and blurs small
+      details (the points of a 7-pixel star); a last phase of this fits it to the codes it will
+      decode.
 
   Returns:
     loss, and metrics: `nll_bpd` (reconstruction, bits per dimension), `kl_bpd`,
