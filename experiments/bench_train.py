@@ -75,7 +75,7 @@ def step_flops(model: TransformerConfig, batch: int) -> dict[str, int]:
              over the full dense S x S, forward and twice that backward.
 
   Not counted: embeddings (gathers), biases, layer norms, softmax, GELU, the loss and the
-  optimiser: elementwise work, a few percent of XLA's count (see `xla_flops`).
+  optimiser: elementwise work, a few percent of XLA's count (see `bench_util.xla_flops`).
   """
   c = model
   inner = c.heads * c.head_dim
@@ -86,17 +86,6 @@ def step_flops(model: TransformerConfig, batch: int) -> dict[str, int]:
                               + c.image_vocab_size * batch * c.image_len),
       "attention": 4 * batch * c.depth * c.heads * c.seq_len**2 * c.head_dim * 3,
   }
-
-
-def xla_flops(compiled) -> float | None:
-  """XLA's own FLOP count of a compiled computation (its HLO cost analysis), if it gives one."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
-    analysis = analysis[0] if analysis else None
-  return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +145,7 @@ class TrainStep:
       lowered = step.__wrapped__.lower(self.state, self.batch)
     self.compiled = lowered.compile()
     results["compile_s"] = time.perf_counter() - start
-    results["xla_flops"] = xla_flops(self.compiled)
+    results["xla_flops"] = bench_util.xla_flops(self.compiled)
     self.metrics = None
 
   def run(self) -> None:

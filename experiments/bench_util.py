@@ -77,3 +77,14 @@ def write_json(path: str | None, results: dict[str, Any]) -> None:
     with open(path, "w") as f:
       json.dump(results, f, indent=2)
     print(f"wrote {path}")
+
+
+def xla_flops(compiled) -> float | None:
+  """XLA's own FLOP count of a compiled computation (its HLO cost analysis), if it gives one."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+    analysis = analysis[0] if analysis else None
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
