@@ -4,6 +4,7 @@ modules (`dall_e`) on the same device with the same weights, float32 and bfloat1
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import numpy as np
@@ -14,9 +15,23 @@ import bench_util
 from accelerator_parts import Budget, Sizes, time_calls
 
 
-def _torch_peer(config: dvae.DVAEConfig):
-  """OpenAI's Encoder and Decoder with random weights on this device, our parameters converted
-  from theirs, and the device; or None and why not."""
+@dataclasses.dataclass
+class _Peer:
+  """OpenAI's modules on a device, and our parameters converted from theirs."""
+  torch: Any
+  dall_e: Any
+  encoder: Any
+  decoder: Any
+  params: dict
+  device: Any
+
+  def sync(self, _=None) -> None:
+    if self.device.type == "cuda":
+      self.torch.cuda.synchronize()
+
+
+def _torch_peer(config: dvae.DVAEConfig) -> tuple[_Peer | None, str | None]:
+  """OpenAI's Encoder and Decoder with random weights on JAX's device; or None and why not."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
     import dall_e  # pylint: disable=g-import-not-at-top
@@ -28,7 +43,7 @@ def _torch_peer(config: dvae.DVAEConfig):
   elif backend == "cpu":
     device = torch.device("cpu")
   else:
-    return None, f"PyTorch has no device beside JAX's {backend}"
+    return None, f"PyTorch not available on {backend}"
   torch.manual_seed(0)
   torch.backends.cudnn.benchmark = True  # what a PyTorch user sets for fixed shapes
   if device.type == "cpu":
@@ -39,24 +54,28 @@ def _torch_peer(config: dvae.DVAEConfig):
   dec = dall_e.Decoder(n_init=config.n_init, **fields).eval()
   params = {part: convert.openai_dvae_to_flax(m.state_dict(), part)
             for part, m in (("encoder", enc), ("decoder", dec))}
-  return (torch, dall_e, enc.to(device), dec.to(device), jax.device_put(params), device), None
+  return _Peer(torch, dall_e, enc.to(device), dec.to(device), jax.device_put(params), device), None
 
 
-def _torch_steps(peer, vocab: int, images: np.ndarray, codes: np.ndarray, bf16: bool) -> dict:
-  torch, dall_e, enc, dec, _, device = peer
-  x = torch.from_numpy(images).to(device)
-  z = torch.from_numpy(codes.astype(np.int64)).to(device)
-  autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+def _torch_steps(peer: _Peer, vocab: int, images: np.ndarray, codes: np.ndarray,
+                 bf16: bool) -> dict:
+  """Their encode (uint8 pixels on the device -> argmax codes) and decode (codes -> their one-hot
+  input -> uint8 pixels), as `dvae.encode` and `dvae.decode` compute them."""
+  torch, dall_e = peer.torch, peer.dall_e
+  x = torch.from_numpy(images).to(peer.device)
+  z = torch.from_numpy(codes.astype(np.int64)).to(peer.device)
+  # Their modules cast to float32 between layers; autocast runs each convolution in bf16.
+  autocast = lambda: torch.autocast(peer.device.type, dtype=torch.bfloat16, enabled=bf16)
 
   def encode():
     with torch.inference_mode(), autocast():
       pixels = x.permute(0, 3, 1, 2).float() / 255.0
-      return torch.argmax(enc(dall_e.map_pixels(pixels)), dim=1)
+      return torch.argmax(peer.encoder(dall_e.map_pixels(pixels)), dim=1)
 
   def decode():
     with torch.inference_mode(), autocast():
       one_hot = torch.nn.functional.one_hot(z, vocab).permute(0, 3, 1, 2).float()
-      mu = dec(one_hot)[:, :3].float()
+      mu = peer.decoder(one_hot)[:, :3].float()
       pixels = dall_e.unmap_pixels(torch.sigmoid(mu))
       return torch.round(pixels * 255.0).to(torch.uint8).permute(0, 2, 3, 1)
 
@@ -68,16 +87,17 @@ def run(sizes: Sizes, results: dict, section: dict) -> None:
   budget, peak_rate = Budget(sizes.budgets_s["dvae"]), accelerator_parts.peak_flops(results)
   base = dvae.DVAEConfig(**sizes.dvae)
   peer, why_not = _torch_peer(base)
-  params = peer[4] if peer else dvae.init(base, jax.random.key(0))
+  params = peer.params if peer else dvae.init(base, jax.random.key(0))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (sizes.dvae_batch, base.resolution, base.resolution, 3), np.uint8)
   section.update(batch=sizes.dvae_batch, resolution=base.resolution)
   if peer is None:
     section["torch"] = {"available": False, "reason": why_not}
   else:
-    section["torch"] = {"version": peer[0].__version__, "device": str(peer[5]),
-                        "cudnn_allow_tf32": bool(peer[0].backends.cudnn.allow_tf32)}
-  section["jax_default_matmul_precision"] = str(jax.config.jax_default_matmul_precision)
+    section["torch"] = {"version": peer.torch.__version__, "device": str(peer.device),
+                        "cudnn_allow_tf32": bool(peer.torch.backends.cudnn.allow_tf32)}
+  section["jax_default_matmul_precision"] = str(getattr(jax.config,
+                                                        "jax_default_matmul_precision", None))
   left = 2 * 2 * (2 if peer else 1)
   for dtype in ("float32", "bfloat16"):
     config = dataclasses.replace(base, dtype=dtype)
@@ -101,14 +121,12 @@ def run(sizes: Sizes, results: dict, section: dict) -> None:
       if not peer:
         entry["torch"] = section["torch"]
         continue
-      torch = peer[0]
-      sync = (lambda _: torch.cuda.synchronize()) if peer[5].type == "cuda" else (lambda _: None)
-      timed = time_calls(torch_steps[step], sync, sizes, budget.share(left))
+      timed = time_calls(torch_steps[step], peer.sync, sizes, budget.share(left))
       left -= 1
       entry["torch"] = dict(timed, images_per_s=sizes.dvae_batch / timed["median_s"])
       entry["speedup_over_torch"] = entry["torch"]["median_s"] / entry["jax"]["median_s"]
       if step == "encode":
         theirs = torch_steps["encode"]().cpu().numpy()
         entry["codes_agree"] = float(np.mean(np.asarray(codes) == theirs))
-  if peer and peer[5].type == "cuda":
-    peer[0].cuda.empty_cache()  # the sample part needs the device's memory
+  if peer and peer.device.type == "cuda":
+    peer.torch.cuda.empty_cache()  # the sample part needs the device's memory

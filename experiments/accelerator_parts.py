@@ -76,22 +76,26 @@ SMOKE = Sizes(
 
 def time_calls(fn: Callable[[], Any], wait: Callable[[Any], Any], sizes: Sizes,
                budget_s: float) -> dict:
-  """Median seconds per call of `fn` (its result waited for with `wait`): one untimed call, then
-  samples of back-to-back calls lasting at least `sizes.min_sample_s`, until `sizes.repeats`
-  samples or `budget_s` (at least one sample)."""
+  """Median seconds per call of `fn` (its result waited for with `wait`). The first call
+  (compiling, for a jitted `fn`) is untimed; the second sizes the samples: each is as many
+  back-to-back calls as last `sizes.min_sample_s`, and where that is one call the second call is
+  the first sample. Samples go on until `sizes.repeats` or `budget_s` from the start."""
   start = time.perf_counter()
   wait(fn())
   first = time.perf_counter() - start
-  calls = max(1, math.ceil(sizes.min_sample_s / max(first, 1e-6)))
-  samples, deadline = [], time.perf_counter() + budget_s
+  t = time.perf_counter()
+  wait(fn())
+  probe = time.perf_counter() - t
+  calls = max(1, math.ceil(sizes.min_sample_s / max(probe, 1e-9)))
+  samples = [probe] if calls == 1 else []
   while len(samples) < sizes.repeats:
+    if samples and time.perf_counter() + samples[-1] * calls > start + budget_s:
+      break
     t = time.perf_counter()
     for _ in range(calls):
       out = fn()
     wait(out)
     samples.append((time.perf_counter() - t) / calls)
-    if time.perf_counter() + samples[-1] * calls > deadline:
-      break
   return {"median_s": statistics.median(samples), "samples_s": samples,
           "calls_per_sample": calls, "first_call_s": first}
 
@@ -192,18 +196,16 @@ def attention_part(sizes: Sizes, results: dict, section: dict) -> None:
         continue
       try:
         program = _fwd_bwd(attend)
-        start = time.perf_counter()
-        outs = jax.block_until_ready(program(q, k, v, d_out))
-        compile_s = time.perf_counter() - start
         timed = time_calls(lambda: program(q, k, v, d_out), jax.block_until_ready, sizes,
-                           min(budget.share(left + 1), 5.0))
+                           min(budget.share(left + 1), 10.0))
+        outs = program(q, k, v, d_out)
       except Exception as e:  # pylint: disable=broad-except
         entry["paths"][name] = {"error": f"{type(e).__name__}: {str(e)[:1000]}"}
         continue
       reference = outs if reference is None else reference
       diff = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
                  for a, b in zip(outs, reference))
-      entry["paths"][name] = dict(timed, compile_s=compile_s, max_abs_diff_vs_xla_dense=diff,
+      entry["paths"][name] = dict(timed, max_abs_diff_vs_xla_dense=diff,
                                   fraction_of_peak=flops / timed["median_s"] / peak_rate)
     timed_paths = {n: p["median_s"] for n, p in entry["paths"].items() if "median_s" in p}
     dense = {n: s for n, s in timed_paths.items() if not n.startswith("block_sparse")}
@@ -247,9 +249,6 @@ def _train_once(model: TransformerConfig, sizes: Sizes, budget: Budget, section:
     state[0], metrics = step(state[0], batch)
     return metrics
 
-  start = time.perf_counter()
-  jax.block_until_ready(run())
-  section["compile_and_first_call_s"] = time.perf_counter() - start
   section.update(time_calls(run, jax.block_until_ready, sizes, max(budget.left(), 0.0)))
   section["loss"] = float(run()["loss"])
 
@@ -315,11 +314,7 @@ def _sample_once(model: TransformerConfig, params: Any, batch: int, sizes: Sizes
   keys = jax.random.split(jax.random.key(1), batch)
   sample = jax.jit(lambda p, t, k: sampling.sample_codes(model, p, t, k,
                                                          sampling.SampleSettings()))
-  start = time.perf_counter()
-  jax.block_until_ready(sample(params, text, keys))
-  entry = {"compile_and_first_call_s": time.perf_counter() - start}
-  entry.update(time_calls(lambda: sample(params, text, keys), jax.block_until_ready, sizes,
-                          budget_s))
+  entry = time_calls(lambda: sample(params, text, keys), jax.block_until_ready, sizes, budget_s)
   step_bytes = roofline.decode_step_bytes(model, params, batch, sparse=True)
   step_flops = roofline.decode_step_flops(model, batch, sparse=True)
   entry.update(batch=batch, image_tokens_per_s=batch * model.image_len / entry["median_s"],

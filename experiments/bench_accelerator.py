@@ -95,7 +95,7 @@ def machine() -> dict:
   device = jax.devices()[0]
   facts = {"platform": device.platform, "device": device.device_kind,
            "devices": jax.device_count(), "jax": jax.__version__,
-           "jaxlib": getattr(jax.lib, "__version__", None) or _version("jaxlib"),
+           "jaxlib": _version("jaxlib"),
            "python": platform.python_version(), "host_cores": os.cpu_count(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "xla_flags": os.environ.get("XLA_FLAGS", ""),
