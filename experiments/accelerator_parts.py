@@ -1,14 +1,14 @@
-"""The parts `bench_accelerator.py` measures, each against its limit, and the sizes of a run.
+"""The transformer's parts of `bench_accelerator.py` (peak, attention, train, sample), each
+against its limit; the sizes of a run; how a program is timed within a budget.
 
-Each part fills its own section of the results as it goes (the time guard writes what is there):
-`run(part, sizes, results, section)`. Shapes and units are in the section's keys (`_s` seconds,
-`_per_s` rates, `_bytes` bytes).
+A part is `part(sizes, results, section)`: it fills its own `section` of the results as it goes
+(the time guard writes whatever is there) and reads earlier parts' sections (the peak). Units are
+in the keys: `_s` seconds, `_per_s` rates, `_bytes` bytes, `flops` FLOPs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import statistics
 import time
