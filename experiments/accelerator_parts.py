@@ -362,6 +362,10 @@ def sample(sizes: Sizes, results: dict, section: dict) -> None:
           raise
         section.setdefault("out_of_memory_at", []).append(batch)
         batch //= 2
+    decode = results.get("dvae", {}).get("decode_bfloat16", {}).get("jax")
+    if decode:  # the dvae part's bf16 decode, per image
+      run["seconds_per_image_with_dvae_decode"] = (run["seconds_per_image"]
+                                                   + decode["median_s"] / results["dvae"]["batch"])
     section["runs"]["largest" if sizes.sample_batches[i] == 0 else str(batch)] = run
     if budget.left() <= 0:
       break

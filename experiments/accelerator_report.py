@@ -26,9 +26,10 @@ def _peak_rows(peak: dict) -> list[list[str]]:
 
 def _train_rows(train: dict) -> list[list[str]]:
   m = train["model"]
-  return [["train", f"step, width {m['width']} x {m['depth']} layers, {train['params'] / 1e9:.2f}B"
-           f" params, batch {train['batch']} x {m['seq_len']}, {m['attention']} {m['attention_block_size']}"
-           f"{', remat' if m['remat'] else ''}",
+  what = (f"step, width {m['width']} x {m['depth']} layers, {train['params'] / 1e9:.2f}B params, "
+          f"batch {train['batch']} x {m['seq_len']}, {m['attention']} "
+          f"{m['attention_block_size']}{', remat' if m['remat'] else ''}")
+  return [["train", what,
            f"{train['tokens_per_s']:,.0f} tokens/s ({_ms(train['median_s'])} a step)",
            f"model FLOPs at the peak: {_ms(train['median_s'] * train['mfu'])}",
            f"MFU {train['mfu']:.1%}", f">= {TARGETS['train_mfu']:.0%} MFU",
@@ -46,7 +47,8 @@ def _attention_rows(attention: dict) -> list[list[str]]:
       if "median_s" in path:
         times.append(f"{name} {_ms(path['median_s'])}")
       else:
-        times.append(f"{name}: {path.get('reason') or path.get('skipped') or path.get('error', '')[:80]}")
+        why = path.get("reason") or path.get("skipped") or path.get("error", "")[:80]
+        times.append(f"{name}: {why}")
     sparse = entry["paths"].get(entry.get("best_sparse"), {})
     label = "dense causal (reference)" if kind == "dense" else kind
     target = f"sparse >= {TARGETS['attention_speedup']:g}x best dense"
@@ -69,7 +71,9 @@ def _sample_rows(sample: dict) -> list[list[str]]:
                if "ratio_to_bound_nominal" in run else "")
     rows.append(["sample", f"{sample['params'] / 1e9:.1f}B params, batch {run['batch']}",
                  f"{run['image_tokens_per_s']:,.0f} image tokens/s, "
-                 f"{run['seconds_per_image']:.3g} s per image (codes)",
+                 f"{run['seconds_per_image']:.3g} s per image (codes)"
+                 + (f", {run['seconds_per_image_with_dvae_decode']:.3g} s with the dVAE decode"
+                    if "seconds_per_image_with_dvae_decode" in run else ""),
                  f"decode-step roofline, measured bandwidth: {bound:.3g} s a call",
                  f"{run['ratio_to_bound_measured']:.2f}x the bound{nominal}",
                  f"<= {TARGETS['sample_ratio_to_bound']:g}x the bound",
@@ -92,7 +96,8 @@ def _dvae_rows(section: dict) -> list[list[str]]:
       speedup = entry.get("speedup_over_torch")
       rows.append(["dvae", f"{step} {section['resolution']}px, {dtype}, batch {section['batch']}",
                    f"ours {entry['jax']['images_per_s']:.4g} img/s; {torch_text}", limit,
-                   f"{entry['bound_s'] / entry['jax']['median_s']:.1%}" if "bound_s" in entry else "",
+                   f"{entry['bound_s'] / entry['jax']['median_s']:.1%}" if "bound_s" in entry
+                   else "",
                    f">= {TARGETS['dvae_speedup']:g}x torch",
                    f"{speedup:.2f}x: {_met(speedup >= TARGETS['dvae_speedup'])}"
                    if speedup else "n/a"])

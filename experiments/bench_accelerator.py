@@ -24,9 +24,10 @@ Parts, in this order (each in one run, bf16 unless said; `--parts` picks some):
              torch.autocast; their decoder takes one-hot floats, as its official usage does.
   sample     the paper's 12B transformer (random bfloat16 weights), `sampling.sample_codes` with
              the sparse decode step, at batch 1 and the largest batch that fits: image tokens/s,
-             seconds per image (codes; the dVAE decode per image is the dvae part's) against the
-             roofline of 1024 decode steps: max(bytes read / copy bandwidth, FLOPs / peak), bytes =
-             the parameters a step reads + the cached keys and values its masks admit.
+             seconds per image (codes, and with the dvae part's bf16 decode per image added)
+             against the roofline of 1024 decode steps: max(bytes read / copy bandwidth,
+             FLOPs / peak), bytes = the parameters a step reads + the cached keys and values its
+             masks admit.
 
 Timing: every program is compiled and called once untimed; then samples of back-to-back calls
 (enough to last `min_sample_s`), each waited for, until `repeats` samples or the part's budget;
@@ -61,7 +62,7 @@ PARTS = {"peak": accelerator_parts.peak, "attention": accelerator_parts.attentio
          "sample": accelerator_parts.sample}
 
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: every path in seconds on a CPU.")
-_PARTS = flags.DEFINE_list("parts", list(PARTS), "Parts to run, in order.")
+_PARTS = flags.DEFINE_list("parts", list(PARTS), "Parts to run (always in the order above).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
 _MARKDOWN_OUT = flags.DEFINE_string("markdown_out", None, "Write the table here as Markdown.")
 _TIME_LIMIT = flags.DEFINE_float("time_limit_s", None, "Write what is done and exit at this "

@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 
 WHEELS=.whl
 # Versions as pyproject.toml pins them; grain's array-record and portpicker come with it.
-BINARY="ml-collections==1.1.0 braceexpand==0.1.7 grain==0.2.18 array-record==0.8.6 portpicker==1.6.0"
+BINARY="ml-collections==1.1.0 braceexpand==0.1.7 grain==0.2.18 array-record==0.8.6"
+BINARY="$BINARY portpicker==1.6.0"
 # OpenAI's dVAE (the dvae part's peer) is published as a source archive only: built here.
 SOURCE="DALL-E==0.1"
 
@@ -39,8 +40,8 @@ run() {
   # Allocate as needed, up to 92% of the GPU: PyTorch (the dVAE's peer) takes its memory beside.
   export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
   nvidia-smi >"$out/nvidia_smi.txt" 2>&1 || true
-  python3 -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda.*|flax|optax|orbax-checkpoint|torch|numpy|grain|ml.collections) ' \
-    >"$out/versions.txt" || true
+  local names='jax|jaxlib|jax-cuda.*|flax|optax|orbax-checkpoint|torch|numpy|grain|ml.collections'
+  python3 -m pip list 2>/dev/null | grep -iE "^($names) " >"$out/versions.txt" || true
   set +e
   timeout 570 python3 experiments/bench_accelerator.py --json_out="$out/accelerator.json" \
     --markdown_out="$out/accelerator.md" --nominal_bandwidth_tb_s=4.8 "$@" 2>&1 | tee "$out/log.txt"

@@ -76,6 +76,8 @@ def test_smoke_run_measures_every_part_against_its_limit(tmp_path):
   run = runs["1"]
   assert 0 < run["bound_s_measured"] <= run["median_s"]
   assert _close(run["image_tokens_per_s"], 16 / run["median_s"])
+  assert _close(run["seconds_per_image_with_dvae_decode"], run["seconds_per_image"]
+                + r["dvae"]["decode_bfloat16"]["jax"]["median_s"] / r["dvae"]["batch"])
   assert run["step_bytes"]["params"] == r["sample"]["decode_params_bytes"] < \
       r["sample"]["params_bytes"]
 
@@ -85,7 +87,7 @@ def test_smoke_run_measures_every_part_against_its_limit(tmp_path):
 
 
 def test_time_limit_writes_partial_results_and_exits(tmp_path):
-  result, r, table = _run(tmp_path, "--parts=peak,attention", "--time_limit_s=3")
+  result, r, table = _run(tmp_path, "--parts=peak,attention", "--time_limit_s=0.5")
   assert result.returncode == 3, result.stderr[-3000:]
   assert r["timed_out_in"] in ("peak", "attention")
   assert "stopped by the time limit" in table
