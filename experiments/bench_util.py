@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: machine facts, and how much CPU other processes used.
+"""What the benchmark scripts share: machine facts, how much CPU other processes used, and XLA's
+FLOP count of a compiled program.
 
 On two cores any other job skews a timing badly, so each measurement is bracketed:
 
