@@ -61,7 +61,7 @@ class CodeBatches:
     self._read_options = grain.ReadOptions(num_threads=read_threads,
                                            prefetch_buffer_size=prefetch)
     self.step, self.epoch, self.truncated_captions = 0, 0, 0
-    self._iterator = self._start(0)
+    self._iterator = None  # started by the first batch, from `step`
 
   def __len__(self) -> int:
     """Batches per epoch."""
@@ -94,6 +94,8 @@ class CodeBatches:
             "truncated": truncated, "epoch": epoch}
 
   def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      self._iterator = self._start(self.step)
     batch = next(self._iterator)
     self.step += 1
     self.epoch = int(batch.pop("epoch")[-1])
@@ -111,4 +113,4 @@ class CodeBatches:
                        "the .npz reader cannot resume its data order: start a new workdir")
     self.step, self.epoch = int(state["step"]), int(state["epoch"])
     self.truncated_captions = int(state.get("truncated_captions", 0))
-    self._iterator = self._start(self.step)
+    self._iterator = None
