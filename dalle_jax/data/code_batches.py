@@ -109,8 +109,8 @@ class CodeBatches:
 
   def set_state(self, state: dict[str, int]) -> None:
     if "step" not in state:
-      raise ValueError(f"{state} is not a CodeBatches state (it has no 'step'); a run saved by "
-                       "the .npz reader cannot resume its data order: start a new workdir")
+      raise ValueError(f"{state} is not a CodeBatches state (it has no 'step'): this data "
+                       "order cannot continue it; start the run in a new workdir")
     self.step, self.epoch = int(state["step"]), int(state["epoch"])
     self.truncated_captions = int(state.get("truncated_captions", 0))
     self._iterator = None
