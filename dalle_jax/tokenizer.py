@@ -17,11 +17,11 @@ from __future__ import annotations
 import heapq
 import io
 import json
-import os
 import re
 import unicodedata
 from typing import Iterable, Iterator, Sequence
 
+from etils import epath
 import numpy as np
 import sentencepiece as spm
 
@@ -220,33 +220,29 @@ class Tokenizer:
       raise ValueError(f"decode takes one sequence of ids, got shape {ids.shape}")
     return self._sp.decode([int(i) for i in ids if 0 <= i < self.vocab_size])
 
-  def save(self, directory: str | os.PathLike) -> None:
+  def save(self, directory: epath.PathLike) -> None:
     """Writes `tokenizer.model` and `tokenizer.json` into `directory` (created if needed)."""
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, MODEL_FILE), "wb") as f:
-      f.write(self._model_proto)
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MODEL_FILE).write_bytes(self._model_proto)
     config = dict(format_version=FORMAT_VERSION, vocab_size=self.vocab_size,
                   text_len=self.text_len, dropout=self.dropout, lowercase=self.lowercase)
-    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
-      json.dump(config, f, indent=2)
-      f.write("\n")
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
   @classmethod
-  def load(cls, directory: str | os.PathLike, dropout: float | None = None) -> Tokenizer:
+  def load(cls, directory: epath.PathLike, dropout: float | None = None) -> Tokenizer:
     """Reads a tokenizer written by `save`; `dropout` overrides the saved probability."""
-    paths = {name: os.path.join(directory, name) for name in (MODEL_FILE, CONFIG_FILE)}
+    paths = {name: epath.Path(directory) / name for name in (MODEL_FILE, CONFIG_FILE)}
     for name, path in paths.items():
-      if not os.path.isfile(path):
+      if not path.is_file():
         raise FileNotFoundError(
             f"No tokenizer in {directory}: {name} is missing (expected {path}; "
             "Tokenizer.save or experiments/train_tokenizer.py writes it).")
-    with open(paths[CONFIG_FILE], encoding="utf-8") as f:
-      config = json.load(f)
+    config = json.loads(paths[CONFIG_FILE].read_text(encoding="utf-8"))
     if config.get("format_version") != FORMAT_VERSION:
       raise ValueError(f"{paths[CONFIG_FILE]} has format_version {config.get('format_version')}; "
                        f"this code reads version {FORMAT_VERSION}.")
-    with open(paths[MODEL_FILE], "rb") as f:
-      model_proto = f.read()
+    model_proto = paths[MODEL_FILE].read_bytes()
     tokenizer = cls(model_proto, config["text_len"],
                     dropout=config["dropout"] if dropout is None else dropout,
                     lowercase=config["lowercase"])

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from dalle_jax import image_grid, launch, plots
-from dalle_jax.data import codes as codes_lib
+from dalle_jax.data import code_shards
 from dalle_jax.data import emoji, shapes
 
 FLAGS = flags.FLAGS  # defined by define_flags(), below
@@ -268,7 +268,7 @@ def main(argv):
               os.path.join(out, "reconstructions.png"))
 
   dvae_log, transformer_log = read_metrics(path("dvae")), read_metrics(path("transformer"))
-  train_codes = codes_lib.read_shards(path("codes_train"))["codes"]
+  train_codes = code_shards.read_all(path("codes_train"))["codes"]
   vocab = json.load(open(path("transformer", "config.json")))["model"]["image_vocab_size"]
   unigram = unigram_entropy(train_codes, vocab)
   image_curves = plots.curves_from_metrics(transformer_log, ["image_loss", "eval/image_loss"])

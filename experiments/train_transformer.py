@@ -24,7 +24,7 @@ import tqdm
 from dalle_jax import (dvae_training, image_grid, launch, sampling, sharding, tensorboard,
                        train_state, transformer_training)
 from dalle_jax import tokenizer as tokenizer_lib
-from dalle_jax.data import codes as codes_lib
+from dalle_jax.data import code_batches, code_shards
 from dalle_jax.transformer import TransformerConfig
 from dalle_jax.transformer_training import TransformerTrainConfig
 
@@ -40,20 +40,22 @@ _STOP_AT = flags.DEFINE_integer(
     "num_steps (time-limited jobs; run again to continue).")
 
 
-def check_data(model: TransformerConfig, tokenizer, arrays: dict[str, np.ndarray],
-               where: str) -> None:
-  """Refuses data that does not fit the model, before anything compiles."""
+def check_data(model: TransformerConfig, tokenizer, shards: code_shards.CodeShards,
+               where: str, sample: int = 256) -> None:
+  """Refuses data that does not fit the model, before anything compiles (the code range on
+  `sample` examples spread over the data, which is all a large dataset allows)."""
   if (tokenizer.vocab_size, tokenizer.text_len) != (model.text_vocab_size, model.text_len):
     raise ValueError(
         f"the tokenizer has {tokenizer.vocab_size} pieces and text_len {tokenizer.text_len}, the "
         f"model {model.text_vocab_size} and {model.text_len}: set --config.model.text_vocab_size="
         f"{tokenizer.vocab_size} --config.model.text_len={tokenizer.text_len}")
-  grid = arrays["codes"].shape[1:]
-  if grid != (model.image_size, model.image_size):
-    raise ValueError(f"{where} holds {grid} code grids, the model expects "
+  if shards.grid != (model.image_size, model.image_size):
+    raise ValueError(f"{where} holds {shards.grid} code grids, the model expects "
                      f"{model.image_size}x{model.image_size}: set --config.model.image_size")
-  if arrays["codes"].min() < 0 or arrays["codes"].max() >= model.image_vocab_size:
-    raise ValueError(f"{where} holds codes up to {arrays['codes'].max()}, outside the model's "
+  indices = np.unique(np.linspace(0, len(shards) - 1, min(sample, len(shards))).astype(int))
+  codes = np.stack([shards[int(i)]["codes"] for i in indices])
+  if codes.min() < 0 or codes.max() >= model.image_vocab_size:
+    raise ValueError(f"{where} holds codes up to {codes.max()}, outside the model's "
                      f"image_vocab_size {model.image_vocab_size}: set it to the dVAE's vocabulary")
 
 
@@ -113,18 +115,19 @@ def main(argv):
                      f"{batch_devices} devices of the data and fsdp axes")
 
   # ---------------------------------------------------------------- input
+  # Codes stream from their shards (any epath: gs://...); memory does not grow with the data.
   tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer_dir)
-  arrays = codes_lib.read_shards(config.data.codes_dir)
-  check_data(model, tokenizer, arrays, config.data.codes_dir)
+  shards = code_shards.CodeShards(config.data.codes_dir)
+  check_data(model, tokenizer, shards, config.data.codes_dir)
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  batches = codes_lib.CodeBatches(arrays, tokenizer, train.batch_size, seed=train.seed,
-                                  **hosts)
+  batches = code_batches.CodeBatches(shards, tokenizer, train.batch_size, seed=train.seed,
+                                     **hosts)
   eval_batches = []
   if config.data.eval_codes_dir:
-    eval_arrays = codes_lib.read_shards(config.data.eval_codes_dir)
-    check_data(model, tokenizer, eval_arrays, config.data.eval_codes_dir)
-    eval_iter = codes_lib.CodeBatches(eval_arrays, tokenizer, train.batch_size, training=False,
-                                      **hosts)
+    eval_shards = code_shards.CodeShards(config.data.eval_codes_dir)
+    check_data(model, tokenizer, eval_shards, config.data.eval_codes_dir)
+    eval_iter = code_batches.CodeBatches(eval_shards, tokenizer, train.batch_size,
+                                         training=False, **hosts)
     eval_batches = [b for b, _ in zip(eval_iter, range(config.data.eval_batches))]
 
   # ---------------------------------------------------------------- model, optimiser, sharding
@@ -143,8 +146,9 @@ def main(argv):
 
   sample_grid = None
   if config.get("sample_every", 0) and config.data.dvae_workdir:
+    first = eval_shards if eval_batches else shards
     captions = list(config.get("sample_captions", ())) or [
-        str(c).split("\n")[0] for c in (eval_arrays if eval_batches else arrays)["captions"][:8]]
+        first[i]["captions"][0] for i in range(min(8, len(first)))]
     sample_grid = make_sample_grid(config.data.dvae_workdir, model, mesh, shardings.params,
                                    tokenizer, captions, train.seed, workdir)
 

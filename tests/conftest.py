@@ -90,7 +90,7 @@ def make_stage2_data(root: str, *, vocab_size: int = 320, text_len: int = 16, gr
   code grid drawn from its caption (so a model can learn them). Returns (tokenizer_dir,
   codes_dir)."""
   from dalle_jax import tokenizer as tokenizer_lib
-  from dalle_jax.data import codes as codes_lib
+  from dalle_jax.data import code_shards
   from dalle_jax.data import shapes
 
   scenes = shapes.all_scenes("train")[:examples]
@@ -103,8 +103,8 @@ def make_stage2_data(root: str, *, vocab_size: int = 320, text_len: int = 16, gr
   os.makedirs(codes_dir, exist_ok=True)
   half = examples // 2
   for index, part in enumerate((slice(0, half), slice(half, examples))):
-    codes_lib.write_shard(codes_lib.shard_path(codes_dir, 0, index), codes[part],
-                          captions[part], [f"k{i}" for i in range(examples)][part])
+    code_shards.write_shard(code_shards.shard_path(codes_dir, 0, index), codes[part],
+                            captions[part], [f"k{i}" for i in range(examples)][part])
   return tokenizer_dir, codes_dir
 
 

@@ -84,6 +84,24 @@ def test_dvae_augmentation_crops_resizes_and_flips_about_half_the_time():
   assert 70 <= flips <= 130
 
 
+def test_transformer_augmentation_is_listing_2_a_square_near_the_centre_never_flipped():
+  ramp = np.tile(np.linspace(0, 255, 200).astype(np.uint8)[None, :, None], (160, 1, 3))
+  spans = set()
+  for seed in range(100):
+    out = preprocess.preprocess(ramp, 64, "transformer", np.random.default_rng(seed))
+    assert out.shape == (64, 64, 3)
+    row = out[32, :, 0].astype(int)
+    assert row[0] < row[-1]  # no flip: images may hold text
+    # The 160 square starts at column 15..24 (3/8 to 5/8 of the 40 of slack), so the crop lies
+    # within columns 15..184 of the ramp.
+    assert row[0] >= 15 / 199 * 255 - 3 and row[-1] <= 184 / 199 * 255 + 3
+    # Resized to 64..72 (9/8 of 64), the crop spans 64/t of the square.
+    span = (row[-1] - row[0]) / 255 * 200 / 160
+    assert 64 / 72 - 0.05 <= span <= 1 + 0.02
+    spans.add(round(span, 2))
+  assert len(spans) > 3  # the size varies
+
+
 def test_dvae_augmentation_upsamples_images_smaller_than_the_resolution():
   out = preprocess.preprocess(random_pixels(0, 20, 30), 64, "dvae", np.random.default_rng(0))
   assert out.shape == (64, 64, 3)

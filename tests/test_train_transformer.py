@@ -88,7 +88,7 @@ def test_a_straight_run_writes_metrics_events_and_checkpoints(uninterrupted):
                                                                      "tensorboard"))
   assert sorted(os.listdir(uninterrupted / "checkpoints")) == ["6", "8"]
   state, extras = _state(uninterrupted)
-  assert int(state.step) == 8 and (extras["data"]["epoch"], extras["data"]["position"]) == (0, 64)
+  assert int(state.step) == 8 and (extras["data"]["step"], extras["data"]["epoch"]) == (8, 0)
 
 
 def test_n_steps_then_resume_for_n_more_equals_2n_in_one_go(data, uninterrupted, tmp_path):

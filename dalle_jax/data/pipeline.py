@@ -36,7 +36,7 @@ class LoaderConfig:
   Attributes:
     resolution: side of the square images, in pixels.
     batch_size: examples per batch on this host; None yields single examples.
-    crop: one of `preprocess.CROP_MODES` (`center`, `random`, `dvae`).
+    crop: one of `preprocess.CROP_MODES` (`center`, `random`, `dvae`, `transformer`).
     seed: fixes shuffling, caption choice, crops and BPE dropout.
     shuffle: shuffle records (random-access sources) or shard order plus a window (streamed).
     num_epochs: passes over the data; None repeats forever.
@@ -104,7 +104,8 @@ def decode_record(record: records.RawRecord, rng: np.random.Generator, config: L
   image = record.image
   if not isinstance(image, np.ndarray):
     # JPEGs decode at a reduced DCT scale that still leaves room for the crop.
-    min_size = config.resolution * 3 // 2 if config.crop == "dvae" else config.resolution
+    scale = {"dvae": 3 / 2, "transformer": 9 / 8}.get(config.crop, 1)
+    min_size = round(config.resolution * scale)
     try:
       image = preprocess.decode_image(image, min_size=min_size)
     except preprocess.ImageDecodeError as e:

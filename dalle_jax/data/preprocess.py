@@ -1,11 +1,14 @@
 """Image preprocessing: decode any file to RGB, resize and crop to the model's resolution, augment.
 
-Three crop modes:
+Four crop modes:
   `center`: resize the short side to the resolution, take the centre square (evaluation, preview).
   `random`: resize the short side, take a random square (the transformer's augmentation; no flip,
     since images may contain text).
   `dvae`: the paper's dVAE augmentation (Appendix A.2, Listing 1): random square crop of the short
     side, area resize to a random size in [9/8, 12/8] x resolution, random crop, horizontal flip.
+  `transformer`: the paper's transformer augmentation (Listing 2), encoded K times per image for
+    stage 2: a square of the short side at a random offset in the middle quarter of the slack,
+    area resize to a random size in [1, 9/8] x resolution, random crop, no flip.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile
 
-CROP_MODES = ("center", "random", "dvae")
+CROP_MODES = ("center", "random", "dvae", "transformer")
 _WHITE = (255, 255, 255)
 
 
@@ -110,6 +113,22 @@ def dvae_augment(image: Image.Image, resolution: int, rng: np.random.Generator) 
   return image
 
 
+def transformer_augment(image: Image.Image, resolution: int,
+                        rng: np.random.Generator) -> Image.Image:
+  """The paper's transformer augmentation (Listing 2 of Appendix A.2), on an RGB image."""
+  width, height = image.size
+  short = min(width, height)
+  # Offsets from 3/8 to 5/8 of the slack: the square stays near the centre.
+  offsets = [int(rng.integers(3 * (side - short) // 8,
+                              max(3 * (side - short) // 8 + 1, 5 * (side - short) // 8)))
+             for side in (width, height)]
+  image = image.crop((offsets[0], offsets[1], offsets[0] + short, offsets[1] + short))
+  high = max(min(short, round(9 / 8 * resolution)), resolution)  # small images are upsampled
+  target = int(rng.integers(resolution, high + 1))
+  resample = Image.Resampling.BOX if target <= short else Image.Resampling.BICUBIC
+  return crop_square(image.resize((target, target), resample), resolution, rng)
+
+
 def preprocess(image: Image.Image | np.ndarray, resolution: int, mode: str = "center",
                rng: np.random.Generator | None = None) -> np.ndarray:
   """Any image to `uint8[resolution, resolution, 3]` with the chosen crop mode."""
@@ -124,6 +143,8 @@ def preprocess(image: Image.Image | np.ndarray, resolution: int, mode: str = "ce
   image = to_rgb(image)
   if mode == "dvae":
     image = dvae_augment(image, resolution, rng)
+  elif mode == "transformer":
+    image = transformer_augment(image, resolution, rng)
   else:
     image = crop_square(resize_short_side(image, resolution), resolution,
                         rng if mode == "random" else None)
