@@ -133,6 +133,19 @@ def load_dvae(source: str | Sequence[str], config: TransformerConfig
   return dvae_config, params
 
 
+def _place(tree: Any, where: jax.sharding.Sharding) -> Any:
+  """Every array of `tree` on `where`: a no-op for arrays already there; on several hosts each
+  passes the same values."""
+  def place(x):
+    if isinstance(x, jax.Array) and x.sharding == where:
+      return x
+    if where.is_fully_addressable:
+      return jax.device_put(x, where)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, where, lambda i: x[i])
+  return jax.tree.map(place, tree)
+
+
 @dataclasses.dataclass
 class Result:
   """What `Generator.generate` drew, best first per caption when reranked.
@@ -302,16 +315,19 @@ class Generator:
   # ------------------------------------------------------------------------------- drawing
 
   def _placement(self, batch: int):
-    """The mesh a batch is split over (None: one device) and how to place the inputs."""
+    """The mesh a batch is split over (None: one device), how to place the batch's inputs, and
+    the transformer's and dVAE's parameters placed for it."""
     mesh = self.mesh
     if mesh is None and batch % jax.local_device_count() == 0:
       mesh = sharding.make_mesh(devices=jax.local_devices())
     if mesh is None:
-      return None, jnp.asarray, lambda x: x
-    split, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    on_mesh = lambda x: jax.make_array_from_callback(x.shape, split, lambda i: x[i])
-    put = lambda x: x if self.param_shardings is not None else jax.device_put(x, whole)
-    return mesh, on_mesh, put
+      whole, on_mesh = jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), jnp.asarray
+    else:
+      split, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+      on_mesh = lambda x: jax.make_array_from_callback(x.shape, split, lambda i: x[i])
+    params = self.params if self.param_shardings is not None else _place(self.params, whole)
+    self.dvae_params = _place(self.dvae_params, whole)  # kept placed: the next call reuses it
+    return mesh, on_mesh, params, self.dvae_params
 
   def batch_size(self, batch_size: int, total: int) -> int:
     """Samples per call: at most `batch_size`, a whole number per device of a given mesh."""
@@ -361,8 +377,7 @@ class Generator:
     total = len(captions) * num_candidates
     batch = self.batch_size(batch_size, total)
     guided = float(guidance) != 1.0
-    mesh, on_mesh, put = self._placement(batch)
-    params, dvae_params = put(self.params), put(self.dvae_params)
+    mesh, on_mesh, params, dvae_params = self._placement(batch)
     root = jax.random.key(seed)
     primes = on_mesh(np.broadcast_to(prime, (batch, grid, grid)).copy())
 

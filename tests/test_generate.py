@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import encode_image, train_tiny_stages
-from dalle_jax import dvae, generate, sampling, transformer
+from dalle_jax import dvae, generate, sampling, sharding, transformer, transformer_training
 from dalle_jax.data import preprocess
 
 CAPTIONS = ["a red circle", "two blue squares"]
@@ -61,6 +61,21 @@ def test_draws_the_sampler_s_codes_at_any_batch_size_compiling_once_per_shape(ge
     assert len(result.pil()) == 2 and result.pil()[1][2].size == (16, 16)
   assert sorted(gen._compiled) == [(4, True), (5, True)]  # the third call compiled nothing
   assert result.timing["compile_s"] == 0 and result.timing["image_tokens_per_s"] > 0
+
+
+def test_on_a_training_mesh_with_sharded_parameters_the_same_codes(gen):
+  """How train_transformer.py draws its sample grids: parameters where training keeps them."""
+  mesh = sharding.make_mesh(data=4, fsdp=2)
+  train = transformer_training.TransformerTrainConfig(**gen.run_config["train"])
+  shardings = transformer_training.state_shardings(gen.config, train, mesh).params
+  drawer = generate.Generator(gen.config, jax.device_put(gen.params, shardings), gen.tokenizer,
+                              gen.dvae_config, gen.dvae_params, mesh=mesh,
+                              param_shardings=shardings)
+  result = drawer.generate(CAPTIONS, num_candidates=3, seed=5, batch_size=3, progress=False)
+  assert list(drawer._compiled) == [(8, False)]  # 3 rounded up to a whole number per device
+  plain = gen.generate(CAPTIONS, num_candidates=3, seed=5, batch_size=6, progress=False)
+  np.testing.assert_array_equal(result.codes, plain.codes)
+  np.testing.assert_array_equal(result.images, plain.images)
 
 
 def test_plain_sampling_matches_and_the_seed_decides(gen):
