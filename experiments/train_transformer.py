@@ -8,7 +8,9 @@
 
 The codes come from experiments/encode_dataset.py, the tokenizer from train_tokenizer.py. A killed
 run started again with the same --workdir resumes from its last complete checkpoint, on any mesh.
-The workdir holds checkpoints/, metrics.jsonl, TensorBoard events (tensorboard/) and config.json.
+The workdir holds checkpoints/, metrics.jsonl, TensorBoard events (tensorboard/: scalars and sample
+grids) and config.json. --config.init_from=<workdir> starts from another run's parameters
+(fine-tuning).
 """
 
 import os
@@ -20,8 +22,8 @@ import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import (generate, image_grid, launch, sharding, tensorboard, train_state,
-                       transformer_training)
+from dalle_jax import (finetune, generate, image_grid, launch, sharding, tensorboard,
+                       train_state, transformer_training)
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import codes as codes_lib
 from dalle_jax.transformer import TransformerConfig
@@ -123,11 +125,14 @@ def main(argv):
       lambda: transformer_training.create_sharded_state(model, train, mesh, shardings), shardings)
   if extras is not None:
     batches.set_state(extras["data"])
+  elif config.init_from:
+    state = finetune.init_from(state, config.init_from)
   start = int(state.step)
   train_step = transformer_training.make_train_step(model, train, mesh, shardings)
   eval_step = transformer_training.make_eval_step(model, mesh, shardings.params)
-  events = (tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
-            if jax.process_index() == 0 else None)
+  events = tensorboard.EventLog(os.path.join(workdir, "tensorboard"),
+                                resume_step=None if extras is None else start,
+                                enabled=jax.process_index() == 0)
   to_global = lambda batch: sharding.host_batch_to_global(batch, sharding.batch_sharding(mesh))
 
   sample_grid = None
@@ -139,8 +144,7 @@ def main(argv):
 
   def write(step, values):
     log.write(step, values)
-    if events:
-      events.scalars(step, {k: float(v) for k, v in values.items() if np.ndim(v) == 0})
+    events.scalars(step, values)
 
   # ---------------------------------------------------------------- loop
   nonfinite = train_state.NonfiniteWatch(state, train.on_nonfinite)
@@ -168,14 +172,13 @@ def main(argv):
       totals = [jax.device_get(eval_step(state.ema_params, to_global(b))) for b in eval_batches]
       write(step, {f"eval/{k}": float(np.mean([t[k] for t in totals])) for k in totals[0]})
     if sample_grid and due(config.sample_every):
-      sample_grid(state.ema_params, step)
+      events.image(step, "samples", sample_grid(state.ema_params, step))
     checkpointer.save(step, state, {"data": batches.get_state()}, force=step == last)
     progress.update(1)
   progress.close()
   checkpointer.wait()
   checkpointer.close()
-  if events:
-    events.close()
+  events.close()
   print(f"stopped at step {last} of {train.num_steps}")
 
 
