@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import encode_image, train_tiny_stages
+from conftest import encode_image
 from dalle_jax import dvae, generate, sampling, sharding, transformer, transformer_training
 from dalle_jax.data import preprocess
 
@@ -19,9 +19,9 @@ CAPTIONS = ["a red circle", "two blue squares"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tiny_runs):
   """A 2-step tiny transformer (16 px, 4x4 codes over 32) naming its 2-step dVAE, a reranker."""
-  return train_tiny_stages(str(tmp_path_factory.mktemp("generate")))
+  return tiny_runs
 
 
 @pytest.fixture(scope="module")

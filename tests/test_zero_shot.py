@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from conftest import CACHE_ENV, train_tiny_stages
+from conftest import CACHE_ENV
 from dalle_jax import generate, zero_shot, zero_shot_eval
 from dalle_jax.data import emoji, shapes
 
@@ -266,11 +266,10 @@ def _ok(process: subprocess.Popen) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tiny_runs):
   """A 2-step tiny transformer whose config names a 2-step tiny dVAE (16 px, 4x4 codes), and a
   2-step reranker."""
-  root = tmp_path_factory.mktemp("zero_shot")
-  return train_tiny_stages(str(root))
+  return tiny_runs
 
 
 def _check_fractions(tree):
