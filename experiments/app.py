@@ -70,7 +70,7 @@ def draw(gen: generate.Generator, caption: str, guidance: float, top_k: float,
     gr.Warning(note)
   timing = result.timing
   status = [f"Drew {int(candidates)} for {result.texts[0]!r} in "
-            f"{timing['compile_s'] + timing['sampling_s']:.1f} s"
+            f"{timing['compile_s'] + timing['sampling_s']:.2f} s"
             + (f" (compiling {timing['compile_s']:.1f} s)" if timing["compile_s"] else "")
             + (f", kept the {int(keep)} the reranker scores best." if gen.has_reranker
                else ".")]
