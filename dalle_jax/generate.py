@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import io
 import os
 import time
 from typing import Any, Sequence
@@ -34,72 +33,11 @@ from dalle_jax import convert, dvae, dvae_training, rerank, sampling, sharding
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax import transformer_training
 from dalle_jax.data import preprocess
+# What users hand in (captions, prompts files, images), and the error they get: part of this API.
+from dalle_jax.user_input import GenerationError, load_image, read_prompts, shorten  # noqa: F401
 from dalle_jax.transformer import TransformerConfig
 
 OPENAI_FILES = ("encoder.pkl", "decoder.pkl")
-# How much of a long caption messages and manifests show.
-SHOWN_CHARACTERS = 200
-
-
-class GenerationError(ValueError):
-  """Input a user can fix; the message is one line that says how."""
-
-
-def shorten(text: str, limit: int = SHOWN_CHARACTERS) -> str:
-  """`text` whole when short, else its first `limit` characters and its length."""
-  if len(text) <= limit:
-    return text
-  return f"{text[:limit]}... ({len(text):,} characters)"
-
-
-def read_prompts(path: str) -> list[str]:
-  """The non-blank lines of a UTF-8 prompts file, stripped."""
-  with open(path, "rb") as f:
-    lines = f.read().split(b"\n")
-  prompts = []
-  for number, line in enumerate(lines, 1):
-    try:
-      text = line.decode("utf-8").strip()
-    except UnicodeDecodeError as error:
-      raise GenerationError(
-          f"line {number} of the prompts file {path} is not UTF-8 (byte "
-          f"0x{line[error.start]:02x} at column {error.start + 1}): save the file as UTF-8"
-      ) from None
-    if text:
-      prompts.append(text)
-  if not prompts:
-    raise GenerationError(f"the prompts file {path} is empty: write one caption per line")
-  return prompts
-
-
-def load_image(image: Any, name: str = "prime_image") -> Image.Image:
-  """An RGB PIL image from a path, file bytes, a PIL image or uint8[H, W(, 3 or 4)] pixels;
-  `name` (a parameter or a flag) is what an error calls it."""
-  if isinstance(image, Image.Image):
-    return preprocess.to_rgb(image)
-  if isinstance(image, np.ndarray):
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
-        image.ndim == 3 and image.shape[-1] not in (3, 4)):
-      raise GenerationError(f"{name} as an array must be uint8[H, W, 3], got "
-                            f"{image.dtype}{list(image.shape)}")
-    return preprocess.to_rgb(Image.fromarray(image))
-  if isinstance(image, (bytes, bytearray)):
-    data, where = bytes(image), f"the {name} bytes"
-  elif isinstance(image, (str, os.PathLike)):
-    where = f"{name} {os.fspath(image)}"
-    try:
-      with open(image, "rb") as f:
-        data = f.read()
-    except OSError as error:
-      raise GenerationError(f"cannot read {where}: {error.strerror}") from None
-  else:
-    raise GenerationError(f"{name} must be a path, bytes, a PIL image or a uint8 array, got "
-                          f"{type(image).__name__}")
-  try:
-    return preprocess.decode_image(data)
-  except preprocess.ImageDecodeError as error:
-    raise GenerationError(f"{where} is not an image Pillow can read ({error}): pass a PNG, "
-                          "JPEG, WebP, GIF, BMP or TIFF file") from None
 
 
 def load_dvae(source: str | Sequence[str], config: TransformerConfig

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import encode_image
 from dalle_jax import dvae, generate, sampling, sharding, transformer, transformer_training
 from dalle_jax.data import preprocess
 
@@ -198,32 +197,10 @@ def test_a_prime_image_that_is_not_an_image_names_its_path(gen, tmp_path):
   text.write_text("not a picture")
   with pytest.raises(generate.GenerationError, match=f"prime_image {text} is not an image"):
     gen.generate([""], prime_image=str(text), prime_rows=1)
-  with pytest.raises(generate.GenerationError, match=f"--prime_image {text} is not an image"):
-    generate.load_image(str(text), "--prime_image")
-  with pytest.raises(generate.GenerationError, match="cannot read prime_image .*missing.png"):
-    generate.load_image(str(tmp_path / "missing.png"))
-  with pytest.raises(generate.GenerationError, match="must be uint8"):
-    generate.load_image(np.zeros((4, 4, 3), np.float32))
-  assert generate.load_image(encode_image(np.zeros((5, 6, 3), np.uint8))).size == (6, 5)
 
 
-def test_prompts_files_undecodable_empty_and_long(gen, tmp_path):
-  latin = tmp_path / "latin.txt"
-  latin.write_bytes("a red circle\n\ncaf\xe9 au lait\n".encode("latin-1"))
-  with pytest.raises(generate.GenerationError, match=f"line 3 of the prompts file {latin} is not "
-                     "UTF-8 \\(byte 0xe9 at column 4\\): save the file as UTF-8"):
-    generate.read_prompts(str(latin))
-  for content in (b"", b"\n  \n\t\n"):
-    empty = tmp_path / "empty.txt"
-    empty.write_bytes(content)
-    with pytest.raises(generate.GenerationError, match=f"the prompts file {empty} is empty"):
-      generate.read_prompts(str(empty))
-  good = tmp_path / "good.txt"
-  good.write_text(" a red circle \n\ntwo blue squares\n", encoding="utf-8")
-  assert generate.read_prompts(str(good)) == CAPTIONS
-
+def test_a_huge_caption_is_noted_as_a_prefix_with_its_length(gen):
   long = "a small red circle above a large blue square " * 80_000  # 3.6 MB
-  assert generate.shorten(long) == long[:200] + "... (3,600,000 characters)"
   result = gen.generate([long, CAPTIONS[0]], progress=False)
   assert result.truncated == [True, False]
   assert len(result.notes) == 1 and len(result.notes[0]) < 500
