@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -34,6 +35,39 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+class TrapProxy:
+  """A localhost proxy that serves nothing and records who connects: given to the app and to
+  Chromium for every address but localhost, it sees any attempt to reach the internet."""
+
+  def __init__(self):
+    self.socket = socket.socket()
+    self.socket.bind(("127.0.0.1", 0))
+    self.socket.listen()
+    self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+    self.requests: list[bytes] = []
+    threading.Thread(target=self._serve, daemon=True).start()
+
+  def _serve(self):
+    while True:
+      try:
+        connection, _ = self.socket.accept()
+      except OSError:  # closed
+        return
+      with connection:
+        connection.settimeout(2)
+        try:
+          self.requests.append(connection.recv(200))
+        except OSError:
+          self.requests.append(b"(nothing sent)")
+
+
+@pytest.fixture(scope="module")
+def trap():
+  proxy = TrapProxy()
+  yield proxy
+  proxy.socket.close()
+
+
 def wait_for(condition, timeout: float, what: str, poll: float = 0.2):
   """`condition()`'s first truthy value within `timeout` seconds."""
   deadline = time.time() + timeout
@@ -46,7 +80,7 @@ def wait_for(condition, timeout: float, what: str, poll: float = 0.2):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_runs, tmp_path_factory):
+def server(tiny_runs, tmp_path_factory, trap):
   """The app on a free localhost port; yields (url, the time it was launched)."""
   # A copy of the run whose config names held-out captions too (its training ones will do).
   workdir = str(tmp_path_factory.mktemp("app") / "transformer")
@@ -59,7 +93,10 @@ def server(tiny_runs, tmp_path_factory):
   port = free_port()
   log = open(os.path.join(os.path.dirname(workdir), "app.log"), "w+")
   env = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu",
-         "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
+         "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio")),
+         **{name: trap.url for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
+                                        "https_proxy", "all_proxy")},
+         "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
   launched = time.time()
   process = subprocess.Popen(
       [sys.executable, APP, f"--workdir={workdir}",
@@ -142,9 +179,10 @@ def test_a_prime_image_keeps_its_rows(client, tmp_path):
 class DevTools:
   """Headless Chromium driven over the DevTools protocol (one page)."""
 
-  def __init__(self, profile: str, size=(1280, 900)):
+  def __init__(self, profile: str, proxy: str, size=(1280, 900)):
     self.process = subprocess.Popen(
         [shutil.which("chromium") or "chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+         f"--proxy-server={proxy}", "--proxy-bypass-list=127.0.0.1",
          "--remote-debugging-port=0", f"--window-size={size[0]},{size[1]}", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     port_file = os.path.join(profile, "DevToolsActivePort")
@@ -154,6 +192,8 @@ class DevTools:
       page = next(t for t in json.load(response) if t["type"] == "page")
     self.socket = connect(page["webSocketDebuggerUrl"], max_size=None)
     self.ids = 0
+    self.requested: list[str] = []  # every URL the page asked for
+    self.call("Network.enable")
     self.call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1],
               deviceScaleFactor=1, mobile=False)
 
@@ -162,6 +202,8 @@ class DevTools:
     self.socket.send(json.dumps({"id": self.ids, "method": method, "params": params}))
     while True:  # events arrive in between; the reply carries our id
       message = json.loads(self.socket.recv(timeout=60))
+      if message.get("method") == "Network.requestWillBeSent":
+        self.requested.append(message["params"]["request"]["url"])
       if message.get("id") == self.ids:
         assert "error" not in message, message
         return message["result"]
@@ -176,11 +218,13 @@ class DevTools:
     self.process.wait(timeout=30)
 
 
-def screenshot_after_drawing(url: str, caption: str, path: str, timeout: float = 120) -> dict:
-  """Opens the app in headless Chromium, types `caption`, clicks Generate, waits for the gallery
-  and saves a PNG screenshot to `path`. Returns what the page shows (from its DOM)."""
+def screenshot_after_drawing(url: str, caption: str, path: str, proxy: str,
+                             timeout: float = 120) -> dict:
+  """Opens the app in headless Chromium (every other address through `proxy`, which serves
+  nothing), types `caption`, clicks Generate, waits for the gallery and saves a PNG screenshot to
+  `path`. Returns what the page shows (from its DOM) and the URLs it asked for elsewhere."""
   profile = tempfile.mkdtemp(prefix="chromium-profile-")
-  browser = DevTools(profile)
+  browser = DevTools(profile, proxy)
   try:
     browser.call("Page.navigate", url=url)
     wait_for(lambda: browser.evaluate("!!document.querySelector('#caption textarea')"),
@@ -198,6 +242,9 @@ def screenshot_after_drawing(url: str, caption: str, path: str, timeout: float =
         images: document.querySelectorAll('#gallery img').length,
         status: document.querySelector('#status').innerText,
         examples: document.body.innerText.includes('held-out: ')})""")
+    shown["elsewhere"] = [u for u in browser.requested
+                          if not u.startswith((url, "data:", "blob:"))]
+    shown["from_app"] = sum(u.startswith(url) for u in browser.requested)
     data = browser.call("Page.captureScreenshot", format="png")["data"]
     with open(path, "wb") as f:
       f.write(base64.b64decode(data))
@@ -210,10 +257,21 @@ def screenshot_after_drawing(url: str, caption: str, path: str, timeout: float =
 def test_the_page_renders_the_gallery_in_chromium(server, client, tmp_path):
   draw(client)  # compiled already: the page's click only samples
   path = str(tmp_path / "app.png")
-  shown = screenshot_after_drawing(server[0], "a blue square", path)
+  browser_trap = TrapProxy()  # Chromium's own background calls go here, not out
+  shown = screenshot_after_drawing(server[0], "a blue square", path, browser_trap.url)
+  browser_trap.socket.close()
+  # Scripts, styles, fonts and images all from the app, none from another address.
+  assert shown["from_app"] > 10 and shown["elsewhere"] == []
   assert shown["images"] == 4 and "Drew 8 for 'a blue square'" in shown["status"]
   assert shown["examples"]  # the run's held-out captions, marked
   screenshot = np.asarray(Image.open(path).convert("RGB"))
   assert screenshot.shape == (900, 1280, 3)
   # The tiny model's samples are noise: many colours, where the empty page has a handful.
   assert len(np.unique(screenshot.reshape(-1, 3), axis=0)) > 1000
+
+
+def test_nothing_reaches_out(server, client, trap):
+  """Run last: the app (analytics, version checks) tried to reach no other address in any test
+  above."""
+  draw(client)
+  assert trap.requests == []
