@@ -58,7 +58,7 @@ def draw(gen: generate.Generator, caption: str, guidance: float, top_k: float,
     result = gen.generate(
         [caption or ""], num_candidates=int(candidates), keep=int(keep),
         temperature=temperature, top_k=int(top_k), guidance=guidance, prime_image=prime,
-        prime_rows=int(prime_rows) if prime else 0, seed=int(seed), progress=False)
+        prime_rows=int(prime_rows) if prime else 0, seed=int(seed), progress=True)
   except generate.GenerationError as error:
     gr.Warning(str(error))
     return [], f"**Not drawn:** {error}"
@@ -116,9 +116,13 @@ def build(gen: generate.Generator) -> gr.Blocks:
                              object_fit="contain", height="auto")
         status = gr.Markdown(elem_id="status")
     inputs = [caption, guidance, top_k, temperature, candidates, keep, seed, prime, prime_rows]
-    event = lambda *values: draw(gen, *values)
+
+    def event(*values, progress=gr.Progress(track_tqdm=True)):  # the draw's tqdm bar, in the page
+      del progress
+      return draw(gen, *values)
+
     button.click(event, inputs, [gallery, status], api_name="generate")
-    caption.submit(event, inputs, [gallery, status])
+    caption.submit(event, inputs, [gallery, status], api_visibility="undocumented")  # Enter
   return page
 
 
