@@ -58,7 +58,7 @@ def draw(gen: generate.Generator, caption: str, guidance: float, top_k: float,
     result = gen.generate(
         [caption or ""], num_candidates=int(candidates), keep=int(keep),
         temperature=temperature, top_k=int(top_k), guidance=guidance, prime_image=prime,
-        prime_rows=int(prime_rows) if prime else 0, seed=int(seed), progress=True)
+        prime_rows=int(prime_rows) if prime else 0, seed=int(seed or 0), progress=True)
   except generate.GenerationError as error:
     gr.Warning(str(error))
     return [], f"**Not drawn:** {error}"
@@ -106,7 +106,7 @@ def build(gen: generate.Generator) -> gr.Blocks:
         keep = gr.Slider(1, MAX_CANDIDATES, value=4, step=1,
                          label="Kept (the reranker's best)" if gen.has_reranker
                          else "Kept (all, without a reranker)")
-        seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+        seed = gr.Number(0, precision=0, minimum=0, maximum=2**31 - 1, label="Seed")
         prime = gr.File(label="Prime image (optional)", file_types=["image"], type="filepath")
         prime_rows = gr.Slider(0, grid, value=grid // 2, step=1,
                                label=f"Rows of codes kept from the prime image (of {grid})")

@@ -163,6 +163,9 @@ def test_bad_input_is_reported_in_the_page(client, tmp_path):
   # Outside a slider's range: Gradio refuses it before the app runs, with the range.
   with pytest.raises(Exception, match="greater than maximum value 10"):
     draw(client, guidance=99)
+  with pytest.raises(Exception, match="less than minimum value 0"):
+    draw(client, seed=-1)
+  assert len(draw(client, seed=None)[0]) == 2  # an emptied seed box: seed 0
 
 
 def test_a_prime_image_keeps_its_rows(client, tmp_path):
