@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import CACHE_ENV
-from dalle_jax import checkpointing, dvae, dvae_training, finetune, rerank, transformer_training
+from dalle_jax import (checkpointing, dvae, dvae_training, finetune, rerank, sharding,
+                       transformer_training)
 from dalle_jax.transformer import TransformerConfig
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -47,6 +48,24 @@ def test_parameters_and_ema_come_from_the_run_and_the_rest_is_fresh(tiny_runs, k
   assert any(np.any(leaf) for leaf in jax.tree.leaves(source.opt_state))
   np.testing.assert_array_equal(state.rng, fresh.rng)
   assert not np.array_equal(jax.tree.leaves(fresh.params)[0], jax.tree.leaves(state.params)[0])
+
+
+def test_a_sharded_state_keeps_its_shardings(tiny_runs):
+  """As a launch on a mesh makes it: every array restored into the shards the fresh state has."""
+  with open(os.path.join(tiny_runs["transformer"], "config.json")) as f:
+    run = json.load(f)
+  model = TransformerConfig(**run["model"])
+  train = transformer_training.TransformerTrainConfig(**run["train"])
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  shardings = transformer_training.state_shardings(model, train, mesh)
+  fresh = transformer_training.create_sharded_state(model, train, mesh, shardings)
+  state = finetune.init_from(fresh, tiny_runs["transformer"])
+  source = checkpointing.restore_run(tiny_runs["transformer"], jax.eval_shape(lambda: fresh))
+  for got, want, placed in zip(jax.tree.leaves(state.params), jax.tree.leaves(source.params),
+                               jax.tree.leaves(shardings.params)):
+    assert got.sharding == placed
+    np.testing.assert_array_equal(got, want)
+  assert any(not s.is_fully_replicated for s in jax.tree.leaves(shardings.params))
 
 
 def test_a_shape_mismatch_names_the_parameter(tiny_runs):
