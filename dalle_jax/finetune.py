@@ -30,8 +30,12 @@ def _names(tree: Any) -> dict[str, Any]:
 def latest_state_dir(workdir: str) -> str:
   """The `state` item of `workdir`'s latest complete checkpoint."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  step = (ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-          .latest_step() if os.path.isdir(directory) else None)
+  step = None
+  if os.path.isdir(directory):
+    manager = ocp.CheckpointManager(directory,
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step()
+    manager.close()
   if step is None:
     raise FileNotFoundError(f"init_from={workdir!r}: no complete checkpoint in {directory}; "
                             "give the workdir of a run that saved one")
@@ -60,19 +64,18 @@ def init_from(state: train_state.TrainState, workdir: str) -> train_state.TrainS
   """`state` (fresh, possibly sharded) with `params` and `ema_params` read from `workdir`,
   each array placed on the sharding it has in `state`; everything else unchanged."""
   path = latest_state_dir(workdir)
-  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-  stored = checkpointer.metadata(path).item_metadata
-  target = {}
-  for name in _RESTORED:
-    if name not in stored:
-      raise ValueError(f"init_from={workdir!r}: its checkpoint holds no {name}; give the "
-                       "workdir of a train_*.py run")
-    check_shapes(getattr(state, name), stored[name], workdir)
-    target[name] = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        getattr(state, name))
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True))
-  checkpointer.close()
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    stored = checkpointer.metadata(path).item_metadata
+    target = {}
+    for name in _RESTORED:
+      if name not in stored:
+        raise ValueError(f"init_from={workdir!r}: its checkpoint holds no {name}; give the "
+                         "workdir of a train_*.py run")
+      check_shapes(getattr(state, name), stored[name], workdir)
+      target[name] = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+          getattr(state, name))
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
   return state.replace(**{name: restored[name] for name in _RESTORED})
