@@ -4,13 +4,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEBIAN_PACKAGES := fonts-noto-color-emoji unicode-data
-DEBIAN_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unicode/emoji/emoji-test.txt
+# chromium: tests/test_app.py renders the web app headless.
+DEBIAN_PACKAGES := fonts-noto-color-emoji unicode-data chromium
+DEBIAN_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unicode/emoji/emoji-test.txt \
+  /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OUT ?= demo_out
 DATASET ?= shapes
 
-.PHONY: setup debian-packages test demo clean
+.PHONY: setup debian-packages test demo app clean
 
 setup: debian-packages $(VENV)/.installed
 
@@ -26,10 +28,11 @@ debian-packages:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,app]"
 	$(PY) -m pip install -q --no-deps DALL-E==0.1  # OpenAI's dVAE; its declared deps pull torchvision
 	$(PY) -c "import torch, dall_e"
 	$(PY) -c "import dalle_jax, jax, flax, optax, orbax.checkpoint, grain, sentencepiece"
+	$(PY) -c "import tensorboardX, gradio, gradio_client, websockets"
 	touch $@
 
 # pytest exits 5 when it collects no test: that is a failure here, never a pass.
@@ -47,6 +50,12 @@ DVAE_STEPS_SCALE ?=
 demo: setup
 	$(PY) experiments/demo.py --out=$(OUT) --steps_scale=$(STEPS_SCALE) --dataset=$(DATASET) \
 	  $(if $(DVAE_STEPS_SCALE),--dvae_steps_scale=$(DVAE_STEPS_SCALE))
+
+# The web app on a finished demo: `make app` (RUN=demo_out) then open http://127.0.0.1:$(PORT).
+RUN ?= $(OUT)
+PORT ?= 7860
+app: setup
+	$(PY) experiments/app.py --run=$(RUN) --port=$(PORT)
 
 clean:
 	rm -rf $(VENV) $(OUT) *.egg-info

@@ -5,7 +5,9 @@
       --config.train.num_steps=100 --config.mesh.fsdp=2
 
 A killed run started again with the same --workdir resumes from its last complete checkpoint.
-The workdir holds checkpoints/, metrics.jsonl, reconstructions/step_N.png and config.json.
+The workdir holds checkpoints/, metrics.jsonl, TensorBoard events (tensorboard/: scalars and
+reconstructions), reconstructions/step_N.png and config.json. --config.init_from=<workdir> starts
+from another run's parameters (fine-tuning).
 """
 
 import os
@@ -16,7 +18,8 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import dvae, dvae_eval, dvae_training, image_grid, launch, sharding, train_state
+from dalle_jax import (dvae, dvae_eval, dvae_training, finetune, image_grid, launch, sharding,
+                       tensorboard, train_state)
 from dalle_jax import data as data_lib
 from dalle_jax.data import pipeline
 
@@ -72,7 +75,12 @@ def main(argv):
       lambda: dvae_training.create_sharded_state(model, train, mesh, shardings), shardings)
   if extras is not None:
     loader.set_state(extras["loader"])
+  elif config.init_from:
+    state = finetune.init_from(state, config.init_from)
   start = int(state.step)
+  events = tensorboard.EventLog(os.path.join(workdir, "tensorboard"),
+                                resume_step=None if extras is None else start,
+                                enabled=jax.process_index() == 0)
   if train.decoder_finetune_fraction:
     print(f"steps {train.finetune_start() + 1}-{train.num_steps}: the decoder alone, on the "
           "encoder's argmax codes (decoder_finetune_fraction)")
@@ -92,14 +100,18 @@ def main(argv):
       nonfinite_steps = nonfinite.check(state, step, checkpointer.latest_step())
     if due(config.log_every):
       values = jax.device_get(metrics)
-      log.write(step, {**values, "nonfinite_steps": nonfinite_steps,
-                       **{f"data/{k}": v for k, v in loader.counts.items()}})
+      values = {**values, "nonfinite_steps": nonfinite_steps,
+                **{f"data/{k}": v for k, v in loader.counts.items()}}
+      log.write(step, values)
+      events.scalars(step, values)
       progress.set_postfix(loss=f"{values['loss']:.4f}", ppl=f"{values['perplexity']:.1f}")
     if eval_batches and (due(config.eval_every) or due(config.image_every)):
       params = jax.device_get(state.ema_params)
       if due(config.eval_every):
-        log.write(step, {f"eval/{k}": v for k, v in
-                         dvae_eval.evaluate(model, params, eval_batches).items()})
+        values = {f"eval/{k}": v for k, v in
+                  dvae_eval.evaluate(model, params, eval_batches).items()}
+        log.write(step, values)
+        events.scalars(step, values)
       if due(config.image_every) and jax.process_index() == 0:
         images = eval_batches[0]["image"][:16]
         _, recon = dvae_eval.reconstruct(model, params, jnp.asarray(images))
@@ -107,12 +119,14 @@ def main(argv):
                                          list(eval_batches[0]["caption"][:16]), tile_size=192)
         os.makedirs(os.path.join(workdir, "reconstructions"), exist_ok=True)
         grid.save(os.path.join(workdir, "reconstructions", f"step_{step}.png"))
+        events.image(step, "reconstructions", grid)
     checkpointer.save(step, state, {"loader": loader.get_state()},
                       force=step == train.num_steps)
     progress.update(1)
   progress.close()
   checkpointer.wait()
   checkpointer.close()
+  events.close()
   loader.close()
   print(f"done at step {train.num_steps}; data: {loader.counts.summary()}")
 

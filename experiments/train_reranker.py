@@ -6,8 +6,10 @@
 It trains on the images and captions the dVAE sees (--config.data.dataset and friends). A killed
 run started again with the same --workdir resumes from its last complete checkpoint. The workdir
 holds checkpoints/, metrics.jsonl (eval/top1: caption -> image retrieval within a held-out batch),
-tokenizer/ (a copy of the tokenizer, so the run is self-contained) and config.json;
-`dalle_jax.rerank.load_trained(workdir)` reads it back.
+tokenizer/ (a copy of the tokenizer, so the run is self-contained), TensorBoard events
+(tensorboard/: scalars and a retrieval figure per evaluation) and config.json;
+`dalle_jax.rerank.load_trained(workdir)` reads it back. --config.init_from=<workdir> starts from
+another run's parameters (fine-tuning).
 """
 
 import os
@@ -19,7 +21,7 @@ import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import launch, rerank, sharding, train_state
+from dalle_jax import finetune, image_grid, launch, rerank, sharding, tensorboard, train_state
 from dalle_jax import data as data_lib
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import pipeline
@@ -31,6 +33,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, or auto.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def retrieval_figure(params, model: rerank.RerankerConfig, batch: dict, count: int = 16):
+  """For each of the batch's first `count` captions, the batch image the reranker ranks first,
+  framed red when it is not the caption's own."""
+  image_emb, text_emb, _ = rerank.embed(params, model, jnp.asarray(batch["image"]),
+                                        jnp.asarray(batch["tokens"]))
+  best = np.asarray(jnp.argmax(image_emb @ text_emb.T, axis=0))[:count]  # an image per caption
+  return image_grid.captioned_grid(np.asarray(batch["image"])[best],
+                                   [str(c) for c in batch["caption"][:count]], tile_size=96,
+                                   marked=best != np.arange(len(best)))
 
 
 def main(argv):
@@ -84,7 +97,12 @@ def main(argv):
       lambda: rerank.create_sharded_state(model, train, mesh, shardings), shardings)
   if extras is not None:
     loader.set_state(extras["loader"])
+  elif config.init_from:
+    state = finetune.init_from(state, config.init_from)
   start = int(state.step)
+  events = tensorboard.EventLog(os.path.join(workdir, "tensorboard"),
+                                resume_step=None if extras is None else start,
+                                enabled=jax.process_index() == 0)
   train_step = rerank.make_train_step(model, train, mesh, shardings)
   batch_sharding = sharding.batch_sharding(mesh)
 
@@ -103,8 +121,10 @@ def main(argv):
       nonfinite_steps = nonfinite.check(state, step, checkpointer.latest_step())
     if due(config.log_every):
       values = jax.device_get(metrics)
-      log.write(step, {**values, "nonfinite_steps": nonfinite_steps,
-                       **{f"data/{k}": v for k, v in loader.counts.items()}})
+      values = {**values, "nonfinite_steps": nonfinite_steps,
+                **{f"data/{k}": v for k, v in loader.counts.items()}}
+      log.write(step, values)
+      events.scalars(step, values)
       progress.set_postfix(loss=f"{values['loss']:.3f}", top1=f"{values['top1']:.2f}")
     if eval_batches and due(config.eval_every):
       params = jax.device_get(state.ema_params)
@@ -113,6 +133,9 @@ def main(argv):
                  for b in eval_batches]
       values = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
       log.write(step, {f"eval/{k}": v for k, v in values.items()})
+      events.scalars(step, {f"eval/{k}": v for k, v in values.items()})
+      if jax.process_index() == 0:
+        events.image(step, "retrieval", retrieval_figure(params, model, eval_batches[0]))
       tqdm.tqdm.write(f"step {step}: eval top1 {values['top1']:.3f} (chance "
                       f"{1 / host_batch:.3f}), margin {values['margin']:.3f}")
     checkpointer.save(step, state, {"loader": loader.get_state()},
@@ -121,6 +144,7 @@ def main(argv):
   progress.close()
   checkpointer.wait()
   checkpointer.close()
+  events.close()
   loader.close()
   print(f"done at step {train.num_steps}; data: {loader.counts.summary()}")
 

@@ -8,7 +8,9 @@
 
 The codes come from experiments/encode_dataset.py, the tokenizer from train_tokenizer.py. A killed
 run started again with the same --workdir resumes from its last complete checkpoint, on any mesh.
-The workdir holds checkpoints/, metrics.jsonl, TensorBoard events (tensorboard/) and config.json.
+The workdir holds checkpoints/, metrics.jsonl, TensorBoard events (tensorboard/: scalars and sample
+grids) and config.json. --config.init_from=<workdir> starts from another run's parameters
+(fine-tuning).
 """
 
 import os
@@ -16,12 +18,11 @@ import time
 
 from absl import app, flags, logging
 import jax
-import jax.experimental.multihost_utils
 import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import (dvae_training, image_grid, launch, sampling, sharding, tensorboard,
+from dalle_jax import (finetune, generate, image_grid, launch, sharding, tensorboard,
                        train_state, transformer_training)
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import code_batches, code_shards
@@ -61,33 +62,23 @@ def check_data(model: TransformerConfig, tokenizer, shards: code_shards.CodeShar
 
 def make_sample_grid(dvae_workdir: str, model: TransformerConfig, mesh, param_shardings,
                      tokenizer, captions: list[str], seed: int, workdir: str):
-  """`grid(params, step)` draws one image per caption (fixed keys, so successive steps compare)
-  and writes workdir/samples/step_N.png."""
-  dvae_config, dvae_params = dvae_training.load_trained(dvae_workdir)
-  if (dvae_config.vocab_size, dvae_config.code_resolution) != (model.image_vocab_size,
-                                                               model.image_size):
-    raise ValueError(f"the dVAE in {dvae_workdir} makes {dvae_config.code_resolution}^2 codes "
-                     f"over {dvae_config.vocab_size}; the model expects {model.image_size}^2 "
-                     f"over {model.image_vocab_size}")
-  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-  count = -(-len(captions) // batch_devices) * batch_devices  # a whole number per device
-  captions = (captions * count)[:count]
-  # Every host holds the same values: each places the rows its devices hold.
-  split = sharding.batch_sharding(mesh)
-  on_mesh = lambda x: jax.make_array_from_callback(x.shape, split, lambda i: x[i])
-  text = on_mesh(np.stack([tokenizer.encode(c)[0] for c in captions]))
-  keys = jax.random.wrap_key_data(on_mesh(np.asarray(jax.random.key_data(
-      jax.random.split(jax.random.key(seed), count)))))
-  no_prime = on_mesh(np.zeros((count, model.image_size, model.image_size), np.int32))
-  sampler = sampling.make_sampler(model, dvae_config, mesh=mesh, param_shardings=param_shardings)
+  """`grid(params, step)` draws one image per caption (the same seed at every step, so
+  successive steps compare), writes workdir/samples/step_N.png and returns it (on host 0; None
+  elsewhere)."""
+  dvae_config, dvae_params = generate.load_dvae(dvae_workdir, model)
+  drawer = generate.Generator(model, None, tokenizer, dvae_config, dvae_params, mesh=mesh,
+                              param_shardings=param_shardings)
 
   def grid(params, step):
-    images, _ = sampler(params, dvae_params, text, keys, sampling.SampleSettings(), no_prime)
-    images = jax.experimental.multihost_utils.process_allgather(images, tiled=True)
+    drawer.params = params
+    images = drawer.generate(captions, seed=seed, progress=False,
+                             batch_size=len(captions)).images[:, 0]
     if jax.process_index() == 0:
       os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-      image_grid.captioned_grid(np.asarray(images), captions, tile_size=96).save(
-          os.path.join(workdir, "samples", f"step_{step}.png"))
+      figure = image_grid.captioned_grid(images, captions, tile_size=96)
+      figure.save(os.path.join(workdir, "samples", f"step_{step}.png"))
+      return figure
+    return None
 
   return grid
 
@@ -137,11 +128,14 @@ def main(argv):
       lambda: transformer_training.create_sharded_state(model, train, mesh, shardings), shardings)
   if extras is not None:
     batches.set_state(extras["data"])
+  elif config.init_from:
+    state = finetune.init_from(state, config.init_from)
   start = int(state.step)
   train_step = transformer_training.make_train_step(model, train, mesh, shardings)
   eval_step = transformer_training.make_eval_step(model, mesh, shardings.params)
-  events = (tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
-            if jax.process_index() == 0 else None)
+  events = tensorboard.EventLog(os.path.join(workdir, "tensorboard"),
+                                resume_step=None if extras is None else start,
+                                enabled=jax.process_index() == 0)
   to_global = lambda batch: sharding.host_batch_to_global(batch, sharding.batch_sharding(mesh))
 
   sample_grid = None
@@ -154,8 +148,7 @@ def main(argv):
 
   def write(step, values):
     log.write(step, values)
-    if events:
-      events.scalars(step, {k: float(v) for k, v in values.items() if np.ndim(v) == 0})
+    events.scalars(step, values)
 
   # ---------------------------------------------------------------- loop
   nonfinite = train_state.NonfiniteWatch(state, train.on_nonfinite)
@@ -183,14 +176,13 @@ def main(argv):
       totals = [jax.device_get(eval_step(state.ema_params, to_global(b))) for b in eval_batches]
       write(step, {f"eval/{k}": float(np.mean([t[k] for t in totals])) for k in totals[0]})
     if sample_grid and due(config.sample_every):
-      sample_grid(state.ema_params, step)
+      events.image(step, "samples", sample_grid(state.ema_params, step))
     checkpointer.save(step, state, {"data": batches.get_state()}, force=step == last)
     progress.update(1)
   progress.close()
   checkpointer.wait()
   checkpointer.close()
-  if events:
-    events.close()
+  events.close()
   print(f"stopped at step {last} of {train.num_steps}")
 
 

@@ -152,3 +152,9 @@ def train_tiny_stages(root: str, *, dvae16: bool = False) -> dict[str, str]:
   with open(config_path, "w") as f:
     json.dump(config, f)
   return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> dict[str, str]:
+  """`train_tiny_stages`'s runs, trained once for every test module that reads them."""
+  return train_tiny_stages(str(tmp_path_factory.mktemp("tiny_runs")))

@@ -10,7 +10,7 @@ from absl import app
 import numpy as np
 import pytest
 
-from dalle_jax import dvae, rerank, zero_shot
+from dalle_jax import dvae, rerank, zero_shot, zero_shot_eval
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import emoji, shapes
 from dalle_jax.transformer import TransformerConfig
@@ -22,7 +22,7 @@ needs_emoji = pytest.mark.skipif(not HAVE_EMOJI, reason=f"emoji data: {emoji.INS
 
 
 def _load(path: str):
-  """A Python file as a module; demo.py and eval_zero_shot.py define no flags on import."""
+  """A Python file as a module; demo.py defines no flags on import."""
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, path))
   module = importlib.util.module_from_spec(spec)
@@ -107,13 +107,12 @@ def test_emoji_tokenizer_reads_training_names_and_holds_every_name(tmp_path):
 
 
 def test_shapes_summary_reads_what_eval_zero_shot_writes():
-  eval_zero_shot = _load("eval_zero_shot.py")
   results = {}
   for split, unreranked in (("heldout", 0.25), ("train", 0.5)):
-    scenes = eval_zero_shot.shapes_scenes(split, 2, seed=0)
+    scenes = zero_shot_eval.shapes_scenes(split, 2, seed=0)
     # True renders as the "samples", and a perfect dVAE.
     truths = np.stack([shapes.render_scene(s, 32) for s in scenes])[:, None]
-    results[split], _ = eval_zero_shot.judge_shapes_split(scenes, truths, 0, 1, lambda x: x)
+    results[split], _ = zero_shot_eval.judge_shapes_split(scenes, truths, 0, 1, lambda x: x)
     results[split]["without_reranking"] = {"accuracy": unreranked}
   results.update(heldout_accuracy=results["heldout"]["accuracy"],
                  train_accuracy=results["train"]["accuracy"],
@@ -128,15 +127,14 @@ def test_shapes_summary_reads_what_eval_zero_shot_writes():
 
 @needs_emoji
 def test_emoji_summary_reads_what_eval_zero_shot_writes():
-  eval_zero_shot = _load("eval_zero_shot.py")
   entries = emoji.load_emoji_entries()
   families = emoji.group_by_family(entries)
-  chosen = eval_zero_shot.emoji_prompts(entries, 3, seed=0)
+  chosen = zero_shot_eval.emoji_prompts(entries, 3, seed=0)
   results = {}
   for split, picked in chosen.items():
     # True renders as the "samples", and a perfect dVAE: every variant retrieves itself.
     truths = np.stack([emoji.render_emoji(e.sequence, 32) for e in picked])[:, None]
-    results[split], _ = eval_zero_shot.judge_emoji_split(picked, truths, families,
+    results[split], _ = zero_shot_eval.judge_emoji_split(picked, truths, families,
                                                          lambda images: images)
   results.update(heldout_accuracy=results["heldout"]["accuracy"],
                  train_accuracy=results["train"]["accuracy"],

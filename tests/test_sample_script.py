@@ -1,6 +1,7 @@
 """experiments/sample.py end to end on a 2-step transformer, 2-step dVAEs and a 2-step reranker:
 the files it writes, the same images whatever the batch size, truncation warnings, priming,
-reranking, refusing a dVAE that does not fit."""
+reranking, refusing a dVAE that does not fit, and one line naming the file (and line) or the flag
+for each bad input."""
 
 import json
 import os
@@ -21,6 +22,7 @@ SCRIPT = os.path.join(ROOT, "experiments", "sample.py")
 CONFIGS = os.path.join(ROOT, "experiments", "configs")
 LONG_PROMPT = "a small red circle above a large blue square " * 3
 PROMPTS = ("a red circle", LONG_PROMPT)
+HUGE_PROMPT = "two blue squares " * 199_999 + "two blue squares"  # 3.4 MB
 ENV = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu"}
 
 
@@ -61,6 +63,13 @@ def sampled(runs, tmp_path_factory):
   root = tmp_path_factory.mktemp("out")
   prime = root / "prime.png"
   Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 20, 3), np.uint8)).save(prime)
+  Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(root / "tiny.png")
+  (root / "notes.png").write_text("not a picture")
+  (root / "latin.txt").write_bytes("a red circle\ncaf\xe9\n".encode("latin-1"))
+  (root / "empty.txt").write_bytes(b"\n \n")
+  (root / "long.txt").write_text(HUGE_PROMPT + "\na red circle\n", encoding="utf-8")
+  only = lambda *flags: _start("sample.py", f"--checkpoint={runs['transformer']}", *flags,
+                               f"--out={root / 'unused'}")
   processes = {
       "batch4": _sample(runs, root / "batch4", "--batch_size=4", f"--dvae_workdir={runs['dvae']}"),
       "batch2": _sample(runs, root / "batch2", "--batch_size=2"),
@@ -70,6 +79,13 @@ def sampled(runs, tmp_path_factory):
       # Candidates g = 3 * prompt + j draw with the keys of batch4's samples: the same images.
       "reranked": _sample(runs, root / "reranked", "--batch_size=4", "--rerank=3", "--keep=2",
                           f"--reranker={runs['reranker']}"),
+      "not_utf8": only(f"--prompts_file={root / 'latin.txt'}"),
+      "empty_prompts": only(f"--prompts_file={root / 'empty.txt'}"),
+      "not_an_image": only("--prompt=x", f"--prime_image={root / 'notes.png'}", "--prime_rows=1"),
+      "tiny_prime": only("--prompt=x", f"--prime_image={root / 'tiny.png'}", "--prime_rows=1"),
+      "long": _start("sample.py", f"--checkpoint={runs['transformer']}",
+                     f"--prompts_file={root / 'long.txt'}", "--num_samples=1",
+                     f"--out={root / 'long'}"),
   }
   results = {name: _finish(p) for name, p in processes.items()}
   return root, prime, results
@@ -157,3 +173,36 @@ def test_reranking_keeps_the_best_scored_candidates_best_first(runs, sampled):
       assert (root / "reranked" / sample["file"]).read_bytes() == \
           (root / "batch4" / names[j]).read_bytes()
   assert np.load(root / "reranked" / "codes.npz")["codes"].shape == (2, 2, 4, 4)
+
+
+def test_bad_inputs_get_one_line_naming_the_file_line_or_flag(sampled):
+  root, _, results = sampled
+  expected = {
+      "not_utf8": f"sample.py: line 2 of the prompts file {root / 'latin.txt'} is not UTF-8 "
+                  "(byte 0xe9 at column 4): save the file as UTF-8",
+      "empty_prompts": f"sample.py: the prompts file {root / 'empty.txt'} is empty: write one "
+                       "caption per line",
+      "not_an_image": f"sample.py: --prime_image {root / 'notes.png'} is not an image Pillow can "
+                      "read",
+      "tiny_prime": f"sample.py: --prime_image {root / 'tiny.png'} is 3x2 pixels, fewer than the "
+                    "4x4 codes it becomes: pass an image of at least 16x16",
+  }
+  for name, message in expected.items():
+    code, _, err = results[name]
+    assert code == 1, (name, err[-3000:])
+    assert err.strip().splitlines()[-1].startswith(message), (name, err[-3000:])
+    assert "Traceback" not in err, name
+
+
+def test_a_huge_prompt_is_shown_and_stored_as_a_prefix_with_its_length(sampled):
+  root, _, results = sampled
+  code, _, err = results["long"]
+  assert code == 0, err[-3000:]
+  assert "... (3,399,999 characters)" in err and len(err) < 20_000
+  with open(root / "long" / "samples.json") as f:
+    manifest = json.load(f)
+  huge, short = manifest["prompts"]
+  assert huge["prompt"] == HUGE_PROMPT[:200] + "... (3,399,999 characters)"
+  assert huge["length"] == len(HUGE_PROMPT) and huge["truncated"]
+  assert short["prompt"] == "a red circle" and short["length"] == 12 and not short["truncated"]
+  assert os.path.getsize(root / "long" / "samples.json") < 10_000

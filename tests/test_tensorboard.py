@@ -1,182 +1,115 @@
-"""dalle_jax/tensorboard.py: event files that a hand-written reader and TensorBoard both read back.
+"""dalle_jax/tensorboard.py and the trainers' events, read back with TensorBoard's own reader."""
 
-The reader here is independent of the writer: its own bit-by-bit CRC32C and a generic protobuf
-wire-format decoder, so a mistake in the writer's tables or field numbers cannot cancel out.
-"""
-
-import glob
-import math
+import io
+import json
 import os
-import struct
+import subprocess
+import sys
 
 import numpy as np
+from PIL import Image
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
+from conftest import CACHE_ENV, make_stage2_data
 from dalle_jax import tensorboard
 
-
-def _crc32c_bitwise(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc ^= byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-  return crc ^ 0xFFFFFFFF
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments")
 
 
-def _masked(data: bytes) -> int:
-  crc = _crc32c_bitwise(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-  value, shift = 0, 0
-  while True:
-    byte = data[pos]
-    pos += 1
-    value |= (byte & 0x7F) << shift
-    shift += 7
-    if not byte & 0x80:
-      return value, pos
-
-
-def _fields(data: bytes) -> list[tuple[int, int, object]]:
-  """Protobuf wire format -> [(field number, wire type, raw value)]."""
-  out, pos = [], 0
-  while pos < len(data):
-    key, pos = _read_varint(data, pos)
-    field, wire = key >> 3, key & 7
-    if wire == 0:
-      value, pos = _read_varint(data, pos)
-    elif wire == 1:
-      value, pos = data[pos:pos + 8], pos + 8
-    elif wire == 5:
-      value, pos = data[pos:pos + 4], pos + 4
-    elif wire == 2:
-      length, pos = _read_varint(data, pos)
-      value, pos = data[pos:pos + length], pos + length
-    else:
-      raise AssertionError(f"unexpected wire type {wire}")
-    out.append((field, wire, value))
-  assert pos == len(data)
-  return out
-
-
-def _read_records(path: str) -> list[bytes]:
-  """TFRecord framing, both checksums verified."""
-  with open(path, "rb") as f:
-    data = f.read()
-  records, pos = [], 0
-  while pos < len(data):
-    length_bytes = data[pos:pos + 8]
-    (length,) = struct.unpack("<Q", length_bytes)
-    (length_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
-    assert length_crc == _masked(length_bytes)
-    record = data[pos + 12:pos + 12 + length]
-    (data_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
-    assert data_crc == _masked(record)
-    records.append(record)
-    pos += 16 + length
-  assert pos == len(data)
-  return records
-
-
-def _decode_event(record: bytes) -> dict:
-  """Event bytes -> {"wall_time", "step", "file_version"?, "values"?: [(tag, float)]}."""
-  event = {"step": 0}
-  for field, wire, value in _fields(record):
-    if (field, wire) == (1, 1):
-      event["wall_time"] = struct.unpack("<d", value)[0]
-    elif (field, wire) == (2, 0):
-      event["step"] = value - (1 << 64) if value >> 63 else value
-    elif (field, wire) == (3, 2):
-      event["file_version"] = value.decode()
-    elif (field, wire) == (5, 2):
-      event["values"] = []
-      for summary_field, summary_wire, value_bytes in _fields(value):
-        assert (summary_field, summary_wire) == (1, 2)
-        parts = {(f, w): v for f, w, v in _fields(value_bytes)}
-        event["values"].append((parts[1, 2].decode(), struct.unpack("<f", parts[2, 5])[0]))
-    else:
-      raise AssertionError(f"unexpected Event field {field} (wire type {wire})")
-  return event
-
-
-def _read_events(path: str) -> list[dict]:
-  return [_decode_event(record) for record in _read_records(path)]
-
-
-def _f32(value: float) -> float:
-  with np.errstate(over="ignore"):  # 1e40 -> inf is the point
-    return float(np.float32(value))
-
-
-def test_crc32c_known_values():
-  # The standard check value of CRC-32C, and the empty string.
-  assert tensorboard.crc32c_python(b"123456789") == 0xE3069283
-  assert tensorboard.crc32c_python(b"") == 0
-  data = np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
-  assert tensorboard.crc32c_python(data) == _crc32c_bitwise(data)
-  assert tensorboard.crc32c(data) == _crc32c_bitwise(data)  # whichever implementation is in use
-
-
-def test_scalars_round_trip(tmp_path):
-  logdir = str(tmp_path / "run")  # created by the writer
-  logged = [
-      (0, {"loss": 2.5, "lr": 3e-4}),
-      (7, {"loss": np.float32(1.1), "grad_norm": np.float64(0.1), "nan": math.nan}),
-      (2**40, {"big": 1e40, "neg_inf": -math.inf, "small": 1e-45, "unicode/é": -3.0}),
-  ]
-  with tensorboard.SummaryWriter(logdir, filename_suffix=".dvae") as writer:
-    for step, values in logged:
-      writer.scalars(step, values)
-  (path,) = glob.glob(os.path.join(logdir, "*"))
-  name = os.path.basename(path)
-  assert name.startswith("events.out.tfevents.") and name.endswith(f".{os.getpid()}.dvae")
-
-  events = _read_events(path)
-  assert events[0]["file_version"] == "brain.Event:2" and "values" not in events[0]
-  assert len(events) == 1 + len(logged)
-  for event, (step, values) in zip(events[1:], logged):
-    assert event["step"] == step and "file_version" not in event
-    assert [tag for tag, _ in event["values"]] == list(values)
-    for (_, got), want in zip(event["values"], values.values()):
-      if math.isnan(want):
-        assert math.isnan(got)
-      else:
-        assert got == _f32(want)  # exact: the file holds float32
-  assert events[3]["values"][0][1] == math.inf  # past float32's range, not an error
-  wall_times = [event["wall_time"] for event in events]
-  assert wall_times == sorted(wall_times) and abs(wall_times[0] - os.path.getmtime(path)) < 60
-
-
-def test_resume_adds_a_file(tmp_path):
-  logdir = str(tmp_path)
-  with tensorboard.SummaryWriter(logdir) as writer:
-    writer.scalars(1, {"loss": 1.0})
-  # Same process, same second: must not reuse (and truncate) the first file.
-  with tensorboard.SummaryWriter(logdir) as writer:
-    writer.scalars(2, {"loss": 0.5})
-  paths = sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")))
-  assert len(paths) == 2
-  assert [[e["step"] for e in _read_events(p)] for p in paths] == [[0, 1], [0, 2]]
-
-
-def test_tensorboard_reads_it(tmp_path):
-  event_accumulator = pytest.importorskip(
-      "tensorboard.backend.event_processing.event_accumulator")
-  logdir = str(tmp_path)
-  with tensorboard.SummaryWriter(logdir) as writer:
-    for step in range(4):
-      writer.scalars(step, {"train/loss": 1.0 / (step + 1), "train/lr": step * 1e-4})
-  # A resumed run writes a second file; TensorBoard reads the directory as one series.
-  with tensorboard.SummaryWriter(logdir) as writer:
-    for step in range(4, 6):
-      writer.scalars(step, {"train/loss": -float(step)})
-  accumulator = event_accumulator.EventAccumulator(logdir)
+def read(logdir: str) -> event_accumulator.EventAccumulator:
+  accumulator = event_accumulator.EventAccumulator(logdir, size_guidance={"images": 0})
   accumulator.Reload()
-  assert sorted(accumulator.Tags()["scalars"]) == ["train/loss", "train/lr"]
-  loss = [(e.step, e.value) for e in accumulator.Scalars("train/loss")]
-  assert loss == [(0, 1.0), (1, 0.5), (2, _f32(1 / 3)), (3, 0.25), (4, -4.0), (5, -5.0)]
-  lr = [(e.step, e.value) for e in accumulator.Scalars("train/lr")]
-  assert lr == [(step, _f32(step * 1e-4)) for step in range(4)]
+  return accumulator
+
+
+def scalars(events, tag: str) -> list[tuple[int, float]]:
+  return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def decoded(image_event) -> np.ndarray:
+  return np.asarray(Image.open(io.BytesIO(image_event.encoded_image_string)).convert("RGB"))
+
+
+def test_scalars_and_images_round_trip_and_a_resume_hides_what_the_killed_run_logged(tmp_path):
+  logdir = str(tmp_path)
+  picture = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+  events = tensorboard.EventLog(logdir)
+  for step in range(1, 5):
+    events.scalars(step, {"loss": 1.0 / step, "lr": np.float32(step * 1e-4),
+                          "per_device": np.ones(8)})  # not a scalar: left out
+  events.image(2, "samples", Image.fromarray(picture))
+  events.image(4, "samples", picture[::-1])
+  events.close()
+  # Killed after step 4, resumed from the checkpoint of step 2: steps 3 and 4 are redone.
+  resumed = tensorboard.EventLog(logdir, resume_step=2)
+  resumed.scalars(3, {"loss": -3.0})
+  resumed.close()
+
+  got = read(logdir)
+  assert sorted(got.Tags()["scalars"]) == ["loss", "lr"]
+  assert scalars(got, "loss") == [(1, 1.0), (2, 0.5), (3, -3.0)]
+  assert [step for step, _ in scalars(got, "lr")] == [1, 2]
+  assert [value for _, value in scalars(got, "lr")] == pytest.approx([1e-4, 2e-4])
+  (image,) = got.Images("samples")  # step 4's was purged with the rest of the killed run
+  assert (image.step, image.width, image.height) == (2, 10, 6)
+  np.testing.assert_array_equal(decoded(image), picture)
+
+
+def test_bad_images_and_other_hosts(tmp_path):
+  events = tensorboard.EventLog(str(tmp_path / "run"))
+  with pytest.raises(ValueError, match=r"samples: expected uint8\[H, W, 3\], got float32"):
+    events.image(1, "samples", np.zeros((4, 4, 3), np.float32))
+  events.close()
+  quiet = tensorboard.EventLog(str(tmp_path / "other_host"), enabled=False)
+  quiet.scalars(1, {"loss": 1.0})
+  quiet.image(1, "samples", np.zeros((4, 4, 3), np.uint8))
+  quiet.close()
+  assert not os.path.exists(tmp_path / "other_host")
+
+
+def run_all(commands: list[list[str]]) -> None:
+  env = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu"}
+  processes = [subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for command in commands]
+  for process in processes:
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+
+
+def test_the_three_trainers_log_scalars_and_images(tiny_runs, tmp_path):
+  configs = os.path.join(EXPERIMENTS, "configs")
+  tokenizer_dir, codes_dir = make_stage2_data(str(tmp_path / "data"))
+  workdirs = {name: str(tmp_path / name) for name in ("dvae", "reranker", "transformer")}
+  run_all([
+      [os.path.join(EXPERIMENTS, "train_dvae.py"), f"--config={configs}/dvae_tiny.py",
+       f"--workdir={workdirs['dvae']}", "--config.train.num_steps=2",
+       "--config.image_every=2", "--config.eval_every=2"],
+      [os.path.join(EXPERIMENTS, "train_reranker.py"), f"--config={configs}/reranker_tiny.py",
+       f"--workdir={workdirs['reranker']}", "--config.train.num_steps=2",
+       "--config.eval_every=2", f"--config.data.tokenizer_dir={tokenizer_dir}",
+       "--config.model.text_vocab_size=320", "--config.data.num_examples=64"],
+      [os.path.join(EXPERIMENTS, "train_transformer.py"),
+       f"--config={configs}/transformer_tiny.py", f"--workdir={workdirs['transformer']}",
+       "--config.train.num_steps=2", "--config.sample_every=2", "--config.log_every=1",
+       f"--config.data.codes_dir={codes_dir}", f"--config.data.tokenizer_dir={tokenizer_dir}",
+       f"--config.data.dvae_workdir={tiny_runs['dvae']}"],
+  ])
+  figures = {"dvae": ("reconstructions", 192), "reranker": ("retrieval", 96),
+             "transformer": ("samples", 96)}
+  for name, workdir in workdirs.items():
+    events = read(os.path.join(workdir, "tensorboard"))
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      logged = [line for line in map(json.loads, f) if "loss" in line]
+    # The same losses as metrics.jsonl (float32 in the event file).
+    steps, values = zip(*scalars(events, "loss"))
+    assert list(steps) == [line["step"] for line in logged] == [1, 2], name
+    assert values == pytest.approx([line["loss"] for line in logged], rel=1e-6), name
+    tag, tile = figures[name]
+    (image,) = events.Images(tag)
+    picture = decoded(image)
+    assert image.step == 2 and picture.shape[1] % (tile + 8) == 0, name
+    assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 10, name  # drawn, not blank
+  assert any(tag.startswith("eval/") for tag in read(
+      os.path.join(workdirs["reranker"], "tensorboard")).Tags()["scalars"])

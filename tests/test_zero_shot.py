@@ -1,9 +1,8 @@
-"""Tests for `dalle_jax/zero_shot.py` (the judges) and `experiments/eval_zero_shot.py` (end to end
-on a 2-step transformer and dVAE): ground truth passes, one changed attribute fails on exactly that
-attribute, blur and noise pass, blank images fail, emoji variants retrieve themselves."""
+"""Tests for `dalle_jax/zero_shot.py` (the judges), `dalle_jax/zero_shot_eval.py` and
+`experiments/eval_zero_shot.py` (end to end on a 2-step transformer and dVAE): ground truth
+passes, one changed attribute fails on exactly that attribute, blur and noise pass, blank images fail, emoji variants retrieve themselves."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from conftest import CACHE_ENV, train_tiny_stages
-from dalle_jax import zero_shot
+from conftest import CACHE_ENV
+from dalle_jax import generate, zero_shot, zero_shot_eval
 from dalle_jax.data import emoji, shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,11 +266,10 @@ def _ok(process: subprocess.Popen) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tiny_runs):
   """A 2-step tiny transformer whose config names a 2-step tiny dVAE (16 px, 4x4 codes), and a
   2-step reranker."""
-  root = tmp_path_factory.mktemp("zero_shot")
-  return train_tiny_stages(str(root))
+  return tiny_runs
 
 
 def _check_fractions(tree):
@@ -310,42 +308,19 @@ def test_script_writes_the_results(runs, tmp_path):
   assert Image.open(grid).size[0] > 2 * 128
 
 
-def _eval_module():
-  spec = importlib.util.spec_from_file_location(
-      "eval_zero_shot", os.path.join(EXPERIMENTS, "eval_zero_shot.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)  # defines no flags on import: demo.py can do the same
-  return module
-
-
-class _BrightnessReranker:
-  """Scores an image by its mean pixel, and checks that it gets its caption's ids."""
-
-  class tokenizer:  # pylint: disable=invalid-name
-    @staticmethod
-    def encode(caption):
-      return np.full(4, len(caption), np.int32), False
-
-  def score(self, images, text):
-    assert images.shape[0] == text.shape[0]
-    return images.reshape(len(images), -1).mean(axis=1) + 1000 * text[:, 0]
-
-
-def test_keep_best_keeps_the_highest_scores_in_order():
-  # Caption c, candidate j is a flat image of value values[c, j].
-  values = np.array([[10, 50, 30, 40], [90, 20, 60, 70]], np.uint8)
-  images = np.broadcast_to(values[:, :, None, None, None], (2, 4, 3, 3, 3)).copy()
-  kept = _eval_module().keep_best(_BrightnessReranker(), ["a", "bb"], images, keep=2,
-                                  batch_size=3)
-  assert kept.shape == (2, 2, 3, 3, 3)
-  np.testing.assert_array_equal(kept[:, :, 0, 0, 0], [[50, 40], [90, 70]])
+def test_evaluate_refuses_reranking_without_a_reranker(runs):
+  gen = generate.Generator.load(runs["transformer"])
+  with pytest.raises(generate.GenerationError, match="reranking 4 candidates needs .* a reranker"):
+    zero_shot_eval.evaluate(gen, num_captions=1, samples_per_caption=2, candidates=4)
+  with pytest.raises(generate.GenerationError, match="num_captions 9000 needs 4500 heldout"):
+    zero_shot_eval.evaluate(gen, num_captions=9000)
 
 
 @needs_emoji
 def test_evaluate_emoji_in_process(runs):
-  module = _eval_module()
-  results = module.evaluate(runs["transformer"], "emoji", num_captions=2, samples_per_caption=2,
-                            batch_size=4, seed=1)
+  results = zero_shot_eval.evaluate(generate.Generator.load(runs["transformer"]), "emoji",
+                                    num_captions=2, samples_per_caption=2, batch_size=4, seed=1,
+                                    progress=False)
   for split in ("heldout", "train"):
     r = results[split]
     assert r["count"] == 4 and len(r["captions"]) == 2 and "dvae_reconstruction_accuracy" in r

@@ -20,4 +20,5 @@ def get_config():
   config.eval_every = 10_000
   config.checkpoint_every = 5_000
   config.keep_checkpoints = 3
+  config.init_from = ""  # a workdir to fine-tune from: its parameters and EMA, optimiser fresh
   return config

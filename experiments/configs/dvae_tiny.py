@@ -20,4 +20,5 @@ def get_config():
   config.eval_every = 4
   config.checkpoint_every = 2
   config.keep_checkpoints = 2
+  config.init_from = ""  # a workdir to fine-tune from: its parameters and EMA, optimiser fresh
   return config

@@ -27,4 +27,5 @@ def get_config():
   config.eval_every = 500
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
+  config.init_from = ""  # a workdir to fine-tune from: its parameters and EMA, optimiser fresh
   return config

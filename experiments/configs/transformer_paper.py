@@ -26,4 +26,5 @@ def get_config():
   config.sample_captions = ()  # default: the first 8 evaluation captions
   config.checkpoint_every = 1_000
   config.keep_checkpoints = 3
+  config.init_from = ""  # a workdir to fine-tune from: its parameters and EMA, optimiser fresh
   return config

@@ -24,4 +24,5 @@ def get_config():
   config.sample_captions = ()  # default: the first 8 evaluation captions
   config.checkpoint_every = 2
   config.keep_checkpoints = 2
+  config.init_from = ""  # a workdir to fine-tune from: its parameters and EMA, optimiser fresh
   return config
