@@ -16,7 +16,6 @@ message is one line meant for the user.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import time
 from typing import Any, Sequence
@@ -32,7 +31,7 @@ import tqdm
 from dalle_jax import convert, dvae, dvae_training, rerank, sampling, sharding
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax import transformer_training
-from dalle_jax.data import preprocess
+from dalle_jax.data import code_shards, preprocess
 # What users hand in (captions, prompts files, images), and the error they get: part of this API.
 from dalle_jax.user_input import GenerationError, load_image, read_prompts, shorten  # noqa: F401
 from dalle_jax.transformer import TransformerConfig
@@ -178,12 +177,10 @@ class Generator:
     evaluation codes (`data.codes_dir`, `data.eval_codes_dir`), held-out ones first."""
     data, pairs = self.run_config.get("data", {}), []
     for key, held_out in (("eval_codes_dir", True), ("codes_dir", False)):
-      shards = sorted(glob.glob(os.path.join(data.get(key) or "", "codes-*-*.npz")))
-      shards = [s for s in shards if not s.endswith(".tmp.npz")]
-      if shards:
-        with np.load(shards[0]) as shard:
-          captions = shard["captions"][:count]
-        pairs += [(str(c).split("\n")[0], held_out) for c in captions]
+      if not data.get(key) or not code_shards.list_shards(data[key]):
+        continue
+      shards = code_shards.CodeShards(data[key])
+      pairs += [(shards[i]["captions"][0], held_out) for i in range(min(count, len(shards)))]
     half = [p for p in pairs if p[1]][:count // 2]
     return (half + [p for p in pairs if not p[1]])[:count]
 
