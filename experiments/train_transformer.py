@@ -8,21 +8,22 @@
 
 The codes come from experiments/encode_dataset.py, the tokenizer from train_tokenizer.py. A killed
 run started again with the same --workdir resumes from its last complete checkpoint, on any mesh.
+SIGTERM or SIGINT saves a checkpoint at the step reached and exits with status 75.
 The workdir holds checkpoints/, metrics.jsonl, TensorBoard events (tensorboard/) and config.json.
 """
 
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 import jax.experimental.multihost_utils
 import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import (dvae_training, image_grid, launch, sampling, sharding, tensorboard,
-                       train_state, transformer_training)
+from dalle_jax import (dvae_training, image_grid, launch, preemption, sampling, sharding,
+                       tensorboard, train_state, transformer_training)
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import codes as codes_lib
 from dalle_jax.transformer import TransformerConfig
@@ -58,9 +59,9 @@ def check_data(model: TransformerConfig, tokenizer, arrays: dict[str, np.ndarray
 
 
 def make_sample_grid(dvae_workdir: str, model: TransformerConfig, mesh, param_shardings,
-                     tokenizer, captions: list[str], seed: int, workdir: str):
+                     tokenizer, captions: list[str], seed: int, workdir: str, keep: int):
   """`grid(params, step)` draws one image per caption (fixed keys, so successive steps compare)
-  and writes workdir/samples/step_N.png."""
+  and writes workdir/samples/step_N.png, keeping the newest `keep` (0: all)."""
   dvae_config, dvae_params = dvae_training.load_trained(dvae_workdir)
   if (dvae_config.vocab_size, dvae_config.code_resolution) != (model.image_vocab_size,
                                                                model.image_size):
@@ -82,10 +83,8 @@ def make_sample_grid(dvae_workdir: str, model: TransformerConfig, mesh, param_sh
   def grid(params, step):
     images, _ = sampler(params, dvae_params, text, keys, sampling.SampleSettings(), no_prime)
     images = jax.experimental.multihost_utils.process_allgather(images, tiled=True)
-    if jax.process_index() == 0:
-      os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-      image_grid.captioned_grid(np.asarray(images), captions, tile_size=96).save(
-          os.path.join(workdir, "samples", f"step_{step}.png"))
+    launch.save_snapshot(image_grid.captioned_grid(np.asarray(images), captions, tile_size=96),
+                         os.path.join(workdir, "samples"), step, keep)
 
   return grid
 
@@ -146,7 +145,8 @@ def main(argv):
     captions = list(config.get("sample_captions", ())) or [
         str(c).split("\n")[0] for c in (eval_arrays if eval_batches else arrays)["captions"][:8]]
     sample_grid = make_sample_grid(config.data.dvae_workdir, model, mesh, shardings.params,
-                                   tokenizer, captions, train.seed, workdir)
+                                   tokenizer, captions, train.seed, workdir,
+                                   launch.snapshots_to_keep(config))
 
   def write(step, values):
     log.write(step, values)
@@ -154,6 +154,7 @@ def main(argv):
       events.scalars(step, {k: float(v) for k, v in values.items() if np.ndim(v) == 0})
 
   # ---------------------------------------------------------------- loop
+  preempted, stop = preemption.PreemptionWatch(), False
   nonfinite = train_state.NonfiniteWatch(state, train.on_nonfinite)
   progress = tqdm.tqdm(total=train.num_steps, initial=start, unit="step",
                        disable=jax.process_index() != 0)
@@ -180,15 +181,20 @@ def main(argv):
       write(step, {f"eval/{k}": float(np.mean([t[k] for t in totals])) for k in totals[0]})
     if sample_grid and due(config.sample_every):
       sample_grid(state.ema_params, step)
-    checkpointer.save(step, state, {"data": batches.get_state()}, force=step == last)
+    stop = preempted.reached(step)  # every host stops after the same step
+    checkpointer.save(step, state, {"data": batches.get_state()}, force=step == last or stop)
     progress.update(1)
+    if stop:
+      break
   progress.close()
   checkpointer.wait()
   checkpointer.close()
   if events:
     events.close()
+  if stop:
+    preempted.exit(step, train.num_steps)
   print(f"stopped at step {last} of {train.num_steps}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run(main)
