@@ -229,3 +229,22 @@ def test_snapshots_are_pruned_like_checkpoints(tmp_path):
   assert len(os.listdir(tmp_path / "recon")) == 3
   assert launch.snapshots_to_keep({"keep_checkpoints": 2}) == 2
   assert launch.snapshots_to_keep({"keep_checkpoints": 2, "keep_snapshots": 0}) == 0
+
+
+def test_a_stage_run_by_the_demo_gets_the_signal_sent_to_the_demo(tmp_path):
+  child = ("import signal, sys, time\n"
+           "signal.signal(signal.SIGTERM, lambda *_: (print('child saved', flush=True), "
+           f"sys.exit({preemption.PREEMPTED_EXIT_CODE})))\n"
+           f"open({str(tmp_path / 'ready')!r}, 'w').close()\n"
+           "time.sleep(60)\n")
+  parent = subprocess.Popen(
+      [sys.executable, "-c", "import sys; from dalle_jax import launch; "
+       f"launch.run_stage([sys.executable, '-c', {child!r}])"],
+      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  deadline = time.time() + 60
+  while not (tmp_path / "ready").exists() and time.time() < deadline:
+    time.sleep(0.05)
+  parent.send_signal(signal.SIGTERM)
+  output = parent.communicate(timeout=60)[0]
+  assert output == "child saved\n"
+  assert parent.returncode == preemption.PREEMPTED_EXIT_CODE
