@@ -50,8 +50,9 @@ def _free_port() -> int:
 
 def _launch(shards, workdir):
   address = f"localhost:{_free_port()}"
-  # No persistent compilation cache: on jax 0.10.2, CPU executables loaded from it deadlock in
-  # Gloo's set-up of their cross-process collectives (each process waits 30 s for the other).
+  # No persistent compilation cache: with it one process can load a step from the cache while the
+  # other still compiles, and Gloo gives up setting up their collective after 30 s (seen on
+  # jax 0.10.2 CPU as "Gloo context initialization failed").
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_COMPILATION_CACHE": "false",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   logs = [open(f"{workdir}.{i}.log", "a") for i in range(2)]  # not pipes: unread, they block
