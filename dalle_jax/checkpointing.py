@@ -16,8 +16,10 @@ import atexit
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
+import sys
 from typing import Any, Callable
 
 from etils import epath
@@ -87,9 +89,16 @@ class Checkpointer:
       self.directory = self.directory.absolute()
     self.every = every
     self._pending: int | None = None  # the step of the save in flight
+    self._reported = False
+    self._needed = 0  # bytes one checkpoint takes on disk, as estimated at the last save
+    _quiet_async_save_failures()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=asynchronous,
-        create=writer, cleanup_tmp_directories=writer)
+        create=writer)
+    if writer and jax.process_index() == 0 and self.directory.exists():
+      # A killed save's leftovers (orbax's own clean-up runs in the background, unawaited).
+      for orphan in self.directory.glob("*.orbax-checkpoint-tmp*"):
+        orphan.rmtree()
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "extras"))
     atexit.register(self.close)  # an exception elsewhere must not leave its threads running
@@ -109,8 +118,9 @@ class Checkpointer:
     if not force and (self.every <= 0 or step % self.every):
       return False
     self._check_space(step, state)
+    with self._reporting():  # a failure of the save before this one names that save's step
+      self._manager.wait_until_finished()
     with self._reporting():
-      self._manager.check_for_errors()
       self._pending = step
       return self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), extras=HostJsonSave(extras)), force=force)
@@ -143,19 +153,30 @@ class Checkpointer:
   def close(self):
     if self._manager is not None:
       manager, self._manager = self._manager, None
-      manager.close()
+      try:
+        manager.close()
+      except Exception:  # noqa: BLE001
+        if not self._reported:  # a failed save already said why, once
+          raise
 
   def _check_space(self, step: int, state: Any) -> None:
+    """Refuses a save the disk cannot hold: as big as the newest checkpoint on disk, or before
+    the first one, as the state's arrays."""
     if "://" in os.fspath(self.directory):
       return  # object stores report no free space
-    needed = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+    # orbax lists a step while it is still being written: measure the newest one on disk.
+    written = [self.directory / str(s) for s in self.all_steps()]
+    written = [p for p in written if p.exists()]
+    self._needed = (_disk_size(written[-1]) if written else 0) or sum(
+        x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
     free = shutil.disk_usage(self.directory).free
-    if free < needed:
-      raise CheckpointError(self._disk_full(step, f"{free / 2**20:.1f} MiB free", needed))
+    if free < self._needed:
+      raise CheckpointError(self._disk_full(step, f"{free / 2**20:.1f} MiB free"))
 
-  def _disk_full(self, step: int, detail: str, needed: int | None = None) -> str:
-    size = f"about {needed / 2**20:.1f} MiB" if needed else "the size of one checkpoint"
-    kept = self.latest_step()
+  def _disk_full(self, step: int, detail: str) -> str:
+    size = f"about {self._needed / 2**20:.1f} MiB"
+    kept = max((s for s in self.all_steps() if s != step and (self.directory / str(s)).exists()),
+               default=None)
     return (f"the checkpoint at step {step} cannot be written: {self.directory} is out of space "
             f"({detail}); one checkpoint needs {size}. "
             + (f"The previous checkpoint (step {kept}) is intact and the run resumes from it. "
@@ -172,8 +193,35 @@ class Checkpointer:
     except Exception as error:
       if not _out_of_space(error):
         raise
-      step, self._pending = self._pending, None
+      step, self._pending, self._reported = self._pending, None, True
       raise CheckpointError(self._disk_full(step, _first_line(error))) from None
+
+
+def _disk_size(path: epath.Path) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+class _DropAsyncSaveTraceback(logging.Filter):
+  """Orbax logs a failed background save with its whole traceback from several threads;
+  `Checkpointer` reports it in one paragraph at the next save or wait."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_async_save_failures() -> None:
+  logger = logging.getLogger("absl")
+  if any(isinstance(f, _DropAsyncSaveTraceback) for f in logger.filters):
+    return
+  logger.addFilter(_DropAsyncSaveTraceback())
+  # Tensorstore's callbacks into the event loop of a failed save print one traceback each.
+  previous = sys.excepthook
+
+  def hook(kind, error, trace):
+    if not (kind is RuntimeError and str(error) == "Event loop is closed"):
+      previous(kind, error, trace)
+
+  sys.excepthook = hook
 
 
 def _out_of_space(error: BaseException) -> bool:
