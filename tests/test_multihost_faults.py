@@ -50,9 +50,8 @@ def _free_port() -> int:
 
 def _launch(shards, workdir):
   address = f"localhost:{_free_port()}"
-  # No persistent compilation cache: with it one process can load a step from the cache while the
-  # other still compiles, and Gloo gives up setting up their collective after 30 s (seen on
-  # jax 0.10.2 CPU as "Gloo context initialization failed").
+  # No persistent compilation cache: with it, this run's first step fails on jax 0.10.2 CPU with
+  # "Gloo context initialization failed" (both processes wait 30 s for each other; cause unknown).
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_COMPILATION_CACHE": "false",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   logs = [open(f"{workdir}.{i}.log", "a") for i in range(2)]  # not pipes: unread, they block
