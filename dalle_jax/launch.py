@@ -1,19 +1,24 @@
-"""What every training launch shares: multi-host start-up and the run directory's layout."""
+"""What every training launch shares: multi-host start-up and the run directory: its lock, the
+config check on resume, the restore, image snapshots and how a stage runs as a child."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import signal
+import subprocess
+import sys
 import types
 import typing
 from typing import Any, Callable, Mapping
 
+from absl import app
+from etils import epath
 import jax
 from ml_collections import config_dict
 import tqdm
 
-from dalle_jax import checkpointing, metrics_log
+from dalle_jax import checkpointing, metrics_log, preemption, run_config, workdir_lock
 
 
 # glibc's malloc asks for transparent huge pages for its big blocks. XLA:CPU allocates a step's
@@ -79,30 +84,102 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
                                process_id=process_id)
 
 
-def prepare_workdir(workdir: str, config: dict) -> None:
-  """Creates the run directory and records the config (host 0 only)."""
+REFUSALS = (workdir_lock.WorkdirLocked, run_config.ConfigMismatch, checkpointing.CheckpointError)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """`app.run(main)`, with a refusal of the run directory shown as its message and status 1."""
+  try:
+    app.run(main)
+  except REFUSALS as error:
+    sys.exit(f"{os.path.basename(sys.argv[0])}: {error}")
+
+
+def _has_checkpoint(workdir: epath.Path) -> bool:
+  directory = workdir / "checkpoints"
+  return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def prepare_workdir(workdir: str | os.PathLike, config: Mapping[str, Any]) -> None:
+  """Claims the run directory before anything is written into it: host 0 takes its lock
+  (`workdir_lock`), and a run with checkpoints refuses a config that differs from its saved one
+  in fields that must match (`run_config`). The config is written by `open_run`, once restored."""
+  workdir = epath.Path(workdir)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config, f, indent=2, sort_keys=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir_lock.WorkdirLock(workdir).acquire()
+  saved = run_config.read_saved(workdir)
+  if saved is not None and _has_checkpoint(workdir):
+    run_config.check_resumable(workdir, saved, config)
 
 
-def open_run(workdir: str, config: Mapping[str, Any], init_state: Callable[[jax.Array], Any],
-             create_state: Callable[[], Any], shardings: Any
-             ) -> tuple[Any, dict[str, Any] | None, checkpointing.Checkpointer,
-                        metrics_log.MetricsLog]:
-  """A launch's state, restored from `workdir`'s latest complete checkpoint or made fresh
+def open_run(workdir: str | os.PathLike, config: Mapping[str, Any],
+             init_state: Callable[[jax.Array], Any], create_state: Callable[[], Any],
+             shardings: Any) -> tuple[Any, dict[str, Any] | None, checkpointing.Checkpointer,
+                                      metrics_log.MetricsLog]:
+  """A launch's state, restored from `workdir`'s newest checkpoint that restores or made fresh
   (`checkpointing.restore_or_create`), with that checkpoint's extras (None when fresh), the
   checkpointer (`config.keep_checkpoints`, `config.checkpoint_every`) and the metrics log,
-  continued from the restored step (host 0 writes it)."""
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+  continued from the restored step (host 0 writes it). Then host 0 writes config.json and records
+  the fields a resumed run changed in config_history.jsonl."""
+  workdir = epath.Path(workdir)
+  checkpointer = checkpointing.Checkpointer(workdir / "checkpoints",
                                             keep=config["keep_checkpoints"],
                                             every=config["checkpoint_every"])
   state, extras = checkpointing.restore_or_create(checkpointer, init_state, create_state,
-                                                  shardings)
-  tqdm.tqdm.write("starting from scratch" if extras is None
-                  else f"resumed from step {int(state.step)}")
-  log = metrics_log.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
-                               resume_step=None if extras is None else int(state.step),
+                                                  shardings, report=tqdm.tqdm.write)
+  step = None if extras is None else int(state.step)
+  tqdm.tqdm.write("starting from scratch" if step is None else f"resumed from step {step}")
+  plain = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  if jax.process_index() == 0:
+    saved = run_config.read_saved(workdir) if step is not None else None
+    changes = run_config.differences(saved, plain) if saved else {}
+    for name, (old, new) in changes.items():
+      tqdm.tqdm.write(f"resumed with {name} {old!r} -> {new!r} (recorded in "
+                      f"{run_config.HISTORY_NAME})")
+    run_config.write(workdir, plain, step, changes)
+  log = metrics_log.MetricsLog(workdir / "metrics.jsonl", resume_step=step,
                                enabled=jax.process_index() == 0)
   return state, extras, checkpointer, log
+
+
+def save_snapshot(image: Any, directory: str | os.PathLike, step: int, keep: int) -> None:
+  """Writes the PIL `image` as `directory/step_<step>.png` (host 0) and removes all but the
+  newest `keep` of them (every one kept when `keep` is 0)."""
+  if jax.process_index() != 0:
+    return
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  with (directory / f"step_{step}.png").open("wb") as f:
+    image.save(f, format="PNG")
+  steps = sorted(int(p.stem[5:]) for p in directory.glob("step_*.png") if p.stem[5:].isdigit())
+  for old in steps[:-keep] if keep > 0 else []:
+    (directory / f"step_{old}.png").unlink(missing_ok=True)
+
+
+def snapshots_to_keep(config: Mapping[str, Any]) -> int:
+  """`config.keep_snapshots` if set (0: every one), else as many as checkpoints are kept."""
+  return config.get("keep_snapshots", config["keep_checkpoints"])
+
+
+def run_stage(command: list[str], env: Mapping[str, str] | None = None) -> None:
+  """Runs a stage's script as a child and waits; SIGTERM or SIGINT sent to this process reaches
+  the child once (it saves and exits), and this process then exits with the child's status."""
+  child = subprocess.Popen(command, env=env, start_new_session=True)  # a terminal's ^C: once
+  received = []
+
+  def forward(number, frame):
+    del frame
+    received.append(number)
+    child.send_signal(number)
+
+  previous = {kind: signal.signal(kind, forward) for kind in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    status = child.wait()
+  finally:
+    for kind, handler in previous.items():
+      signal.signal(kind, handler)
+  if received and status:  # the child said why (a trainer: where it stopped)
+    sys.exit(status if status > 0 else 128 + received[0])
+  if status:
+    raise subprocess.CalledProcessError(status, command)

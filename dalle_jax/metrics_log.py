@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+from etils import epath
 import numpy as np
 
 
@@ -16,31 +17,30 @@ class MetricsLog:
   killed) are dropped, so the file reads as one uninterrupted run.
   """
 
-  def __init__(self, path: str, resume_step: int | None = None, enabled: bool = True):
+  def __init__(self, path: str | os.PathLike, resume_step: int | None = None,
+               enabled: bool = True):
     """`enabled=False` (every host but the first, in a multi-host run) writes nothing."""
-    self.path = path
+    self.path = epath.Path(path)
     self.enabled = enabled
     if not enabled:
       return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if resume_step is not None and os.path.exists(path):
-      with open(path) as f:
-        kept = [line for line in f if _complete(line) and json.loads(line)["step"] <= resume_step]
-      with open(path, "w") as f:
-        f.writelines(kept)
-    elif resume_step is None and os.path.exists(path):
-      os.remove(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if resume_step is not None and self.path.exists():
+      kept = [line for line in self.path.read_text().splitlines(keepends=True)
+              if _complete(line) and json.loads(line)["step"] <= resume_step]
+      self.path.write_text("".join(kept))
+    elif resume_step is None and self.path.exists():
+      self.path.unlink()
 
   def write(self, step: int, metrics: dict[str, Any]):
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
+    with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
 
   def read(self) -> list[dict[str, Any]]:
-    with open(self.path) as f:
-      return [json.loads(line) for line in f if _complete(line)]
+    return [json.loads(line) for line in self.path.read_text().splitlines() if _complete(line)]
 
 
 def _complete(line: str) -> bool:

@@ -24,7 +24,6 @@ import json
 import os
 import runpy
 import shutil
-import subprocess
 import sys
 import time
 from typing import Callable
@@ -48,8 +47,8 @@ def run(stage: str, script: str, *args: str, timings: dict) -> None:
   On transparent huge pages for malloc: XLA:CPU's steps run 20-25% faster (see `launch`)."""
   print(f"\n=== {stage}: {script} {' '.join(args)}", flush=True)
   start = time.time()
-  subprocess.run([sys.executable, os.path.join(HERE, script), *args], check=True,
-                 env=launch.hugepages_env(os.environ))
+  launch.run_stage([sys.executable, os.path.join(HERE, script), *args],
+                   env=launch.hugepages_env(os.environ))
   timings[stage] = round(timings.get(stage, 0.0) + time.time() - start, 1)
 
 

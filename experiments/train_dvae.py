@@ -7,19 +7,19 @@
 A killed run started again with the same --workdir resumes from its last complete checkpoint.
 The workdir holds checkpoints/, metrics.jsonl, TensorBoard events (tensorboard/: scalars and
 reconstructions), reconstructions/step_N.png and config.json. --config.init_from=<workdir> starts
-from another run's parameters (fine-tuning).
+from another run's parameters (fine-tuning). SIGTERM or SIGINT saves a checkpoint at the step
+reached and exits with status 75.
 """
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import (dvae, dvae_eval, dvae_training, finetune, image_grid, launch, sharding,
-                       tensorboard, train_state)
+from dalle_jax import (dvae, dvae_eval, dvae_training, finetune, image_grid, launch, preemption,
+                       sharding, tensorboard, train_state)
 from dalle_jax import data as data_lib
 from dalle_jax.data import pipeline
 
@@ -86,8 +86,10 @@ def main(argv):
           "encoder's argmax codes (decoder_finetune_fraction)")
   train_step = dvae_training.make_train_step(model, train, mesh, shardings)
   batch_sharding = sharding.batch_sharding(mesh)
+  reconstruct = dvae_eval.make_sharded_reconstruct(model, mesh, shardings.ema_params)
 
   # ---------------------------------------------------------------- loop
+  preempted, stop = preemption.PreemptionWatch(), False
   nonfinite = train_state.NonfiniteWatch(state, train.on_nonfinite)
   progress = tqdm.tqdm(total=train.num_steps, initial=start, unit="step",
                        disable=jax.process_index() != 0)
@@ -106,30 +108,35 @@ def main(argv):
       events.scalars(step, values)
       progress.set_postfix(loss=f"{values['loss']:.4f}", ppl=f"{values['perplexity']:.1f}")
     if eval_batches and (due(config.eval_every) or due(config.image_every)):
-      params = jax.device_get(state.ema_params)
       if due(config.eval_every):
-        values = {f"eval/{k}": v for k, v in
-                  dvae_eval.evaluate(model, params, eval_batches).items()}
+        values = {f"eval/{k}": v for k, v in dvae_eval.evaluate(
+            model, state.ema_params, eval_batches, reconstruct).items()}
         log.write(step, values)
         events.scalars(step, values)
-      if due(config.image_every) and jax.process_index() == 0:
-        images = eval_batches[0]["image"][:16]
-        _, recon = dvae_eval.reconstruct(model, params, jnp.asarray(images))
-        grid = image_grid.captioned_grid(dvae_eval.side_by_side(images, recon),
-                                         list(eval_batches[0]["caption"][:16]), tile_size=192)
-        os.makedirs(os.path.join(workdir, "reconstructions"), exist_ok=True)
-        grid.save(os.path.join(workdir, "reconstructions", f"step_{step}.png"))
+      if due(config.image_every):
+        images, _, recon = reconstruct(state.ema_params, eval_batches[0]["image"])
+        captions = list(eval_batches[0]["caption"][:16])  # host 0's rows come first
+        grid = image_grid.captioned_grid(
+            dvae_eval.side_by_side(images[:len(captions)], recon[:len(captions)]), captions,
+            tile_size=192)
+        launch.save_snapshot(grid, os.path.join(workdir, "reconstructions"), step,
+                             launch.snapshots_to_keep(config))
         events.image(step, "reconstructions", grid)
+    stop = preempted.reached(step)  # every host stops after the same step
     checkpointer.save(step, state, {"loader": loader.get_state()},
-                      force=step == train.num_steps)
+                      force=step == train.num_steps or stop)
     progress.update(1)
+    if stop:
+      break
   progress.close()
   checkpointer.wait()
   checkpointer.close()
   events.close()
   loader.close()
+  if stop:
+    preempted.exit(step, train.num_steps)
   print(f"done at step {train.num_steps}; data: {loader.counts.summary()}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run(main)

@@ -4,7 +4,8 @@
       --workdir=runs/reranker --config.data.tokenizer_dir=runs/tokenizer
 
 It trains on the images and captions the dVAE sees (--config.data.dataset and friends). A killed
-run started again with the same --workdir resumes from its last complete checkpoint. The workdir
+run started again with the same --workdir resumes from its last complete checkpoint; SIGTERM or
+SIGINT saves one at the step reached and exits with status 75. The workdir
 holds checkpoints/, metrics.jsonl (eval/top1: caption -> image retrieval within a held-out batch),
 tokenizer/ (a copy of the tokenizer, so the run is self-contained), TensorBoard events
 (tensorboard/: scalars and a retrieval figure per evaluation) and config.json;
@@ -14,14 +15,16 @@ another run's parameters (fine-tuning).
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
+import jax.experimental.multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import finetune, image_grid, launch, rerank, sharding, tensorboard, train_state
+from dalle_jax import finetune, image_grid, launch, preemption, rerank, sharding, tensorboard
+from dalle_jax import train_state
 from dalle_jax import data as data_lib
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import pipeline
@@ -105,16 +108,20 @@ def main(argv):
                                 enabled=jax.process_index() == 0)
   train_step = rerank.make_train_step(model, train, mesh, shardings)
   batch_sharding = sharding.batch_sharding(mesh)
+  to_global = lambda b: sharding.host_batch_to_global(
+      {"image": b["image"], "tokens": b["tokens"]}, batch_sharding)
+  # Sharded like training (fsdp may span hosts); the metrics come back replicated.
+  evaluate = jax.jit(rerank.evaluate, static_argnums=1,
+                     in_shardings=(shardings.ema_params, batch_sharding, batch_sharding),
+                     out_shardings=sharding.replicated(mesh))
 
   # ---------------------------------------------------------------- loop
+  preempted, stop = preemption.PreemptionWatch(), False
   nonfinite = train_state.NonfiniteWatch(state, train.on_nonfinite)
   progress = tqdm.tqdm(total=train.num_steps, initial=start, unit="step",
                        disable=jax.process_index() != 0)
   for step in range(start + 1, train.num_steps + 1):
-    host = next(loader)
-    batch = sharding.host_batch_to_global({"image": host["image"], "tokens": host["tokens"]},
-                                          batch_sharding)
-    state, metrics = train_step(state, batch["image"], batch["tokens"])
+    state, metrics = train_step(state, *to_global(next(loader)).values())
 
     due = lambda every: every > 0 and (step % every == 0 or step == train.num_steps)
     if due(config.log_every) or due(config.checkpoint_every):
@@ -127,27 +134,32 @@ def main(argv):
       events.scalars(step, values)
       progress.set_postfix(loss=f"{values['loss']:.3f}", top1=f"{values['top1']:.2f}")
     if eval_batches and due(config.eval_every):
-      params = jax.device_get(state.ema_params)
-      results = [jax.device_get(rerank.evaluate(params, model, jnp.asarray(b["image"]),
-                                                jnp.asarray(b["tokens"])))
+      results = [jax.device_get(evaluate(state.ema_params, model, *to_global(b).values()))
                  for b in eval_batches]
       values = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
       log.write(step, {f"eval/{k}": v for k, v in values.items()})
       events.scalars(step, {f"eval/{k}": v for k, v in values.items()})
+      # Every host takes part in the gather (fsdp may span hosts); the first draws the figure.
+      params = jax.experimental.multihost_utils.process_allgather(state.ema_params, tiled=True)
       if jax.process_index() == 0:
         events.image(step, "retrieval", retrieval_figure(params, model, eval_batches[0]))
       tqdm.tqdm.write(f"step {step}: eval top1 {values['top1']:.3f} (chance "
                       f"{1 / host_batch:.3f}), margin {values['margin']:.3f}")
+    stop = preempted.reached(step)  # every host stops after the same step
     checkpointer.save(step, state, {"loader": loader.get_state()},
-                      force=step == train.num_steps)
+                      force=step == train.num_steps or stop)
     progress.update(1)
+    if stop:
+      break
   progress.close()
   checkpointer.wait()
   checkpointer.close()
   events.close()
   loader.close()
+  if stop:
+    preempted.exit(step, train.num_steps)
   print(f"done at step {train.num_steps}; data: {loader.counts.summary()}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run(main)

@@ -10,19 +10,19 @@ The codes come from experiments/encode_dataset.py, the tokenizer from train_toke
 run started again with the same --workdir resumes from its last complete checkpoint, on any mesh.
 The workdir holds checkpoints/, metrics.jsonl, TensorBoard events (tensorboard/: scalars and sample
 grids) and config.json. --config.init_from=<workdir> starts from another run's parameters
-(fine-tuning).
+(fine-tuning). SIGTERM or SIGINT saves a checkpoint at the step reached and exits with status 75.
 """
 
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import (finetune, generate, image_grid, launch, sharding, tensorboard,
+from dalle_jax import (finetune, generate, image_grid, launch, preemption, sharding, tensorboard,
                        train_state, transformer_training)
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import code_batches, code_shards
@@ -61,10 +61,10 @@ def check_data(model: TransformerConfig, tokenizer, shards: code_shards.CodeShar
 
 
 def make_sample_grid(dvae_workdir: str, model: TransformerConfig, mesh, param_shardings,
-                     tokenizer, captions: list[str], seed: int, workdir: str):
+                     tokenizer, captions: list[str], seed: int, workdir: str, keep: int):
   """`grid(params, step)` draws one image per caption (the same seed at every step, so
-  successive steps compare), writes workdir/samples/step_N.png and returns it (on host 0; None
-  elsewhere)."""
+  successive steps compare), writes workdir/samples/step_N.png, keeping the newest `keep` (0: all),
+  and returns it (on host 0; None elsewhere)."""
   dvae_config, dvae_params = generate.load_dvae(dvae_workdir, model)
   drawer = generate.Generator(model, None, tokenizer, dvae_config, dvae_params, mesh=mesh,
                               param_shardings=param_shardings)
@@ -73,12 +73,11 @@ def make_sample_grid(dvae_workdir: str, model: TransformerConfig, mesh, param_sh
     drawer.params = params
     images = drawer.generate(captions, seed=seed, progress=False,
                              batch_size=len(captions)).images[:, 0]
-    if jax.process_index() == 0:
-      os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-      figure = image_grid.captioned_grid(images, captions, tile_size=96)
-      figure.save(os.path.join(workdir, "samples", f"step_{step}.png"))
-      return figure
-    return None
+    if jax.process_index() != 0:
+      return None
+    figure = image_grid.captioned_grid(images, captions, tile_size=96)
+    launch.save_snapshot(figure, os.path.join(workdir, "samples"), step, keep)
+    return figure
 
   return grid
 
@@ -144,13 +143,15 @@ def main(argv):
     captions = list(config.get("sample_captions", ())) or [
         first[i]["captions"][0] for i in range(min(8, len(first)))]
     sample_grid = make_sample_grid(config.data.dvae_workdir, model, mesh, shardings.params,
-                                   tokenizer, captions, train.seed, workdir)
+                                   tokenizer, captions, train.seed, workdir,
+                                   launch.snapshots_to_keep(config))
 
   def write(step, values):
     log.write(step, values)
     events.scalars(step, values)
 
   # ---------------------------------------------------------------- loop
+  preempted, stop = preemption.PreemptionWatch(), False
   nonfinite = train_state.NonfiniteWatch(state, train.on_nonfinite)
   progress = tqdm.tqdm(total=train.num_steps, initial=start, unit="step",
                        disable=jax.process_index() != 0)
@@ -177,14 +178,19 @@ def main(argv):
       write(step, {f"eval/{k}": float(np.mean([t[k] for t in totals])) for k in totals[0]})
     if sample_grid and due(config.sample_every):
       events.image(step, "samples", sample_grid(state.ema_params, step))
-    checkpointer.save(step, state, {"data": batches.get_state()}, force=step == last)
+    stop = preempted.reached(step)  # every host stops after the same step
+    checkpointer.save(step, state, {"data": batches.get_state()}, force=step == last or stop)
     progress.update(1)
+    if stop:
+      break
   progress.close()
   checkpointer.wait()
   checkpointer.close()
   events.close()
+  if stop:
+    preempted.exit(step, train.num_steps)
   print(f"stopped at step {last} of {train.num_steps}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run(main)
