@@ -80,6 +80,7 @@ TRANSFORMER_RULES = (
     ("vocab", "tensor"),
     ("kv", None),
     ("norm", None),
+    ("layers", None),  # the stacked groups of `scan_layers`
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
