@@ -81,8 +81,10 @@ class Target:
     """The slice's devices as the TPU compiler sees them; nothing is allocated on them."""
     try:
       from jax.experimental import topologies
-      # Off a TPU VM libtpu looks for its peers' hostnames; a described slice has none.
+      # Off a TPU VM libtpu looks for its peers' hostnames; a described slice has none. Nor
+      # does it own chips, so other processes may load libtpu beside it (its lockfile is moot).
       os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+      os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
       return list(topologies.get_topology_desc(self.name, "tpu").devices)
     except Exception as error:  # no libtpu, or a topology this chip does not come in
       raise RuntimeError(f"cannot describe the TPU slice {self.name}: {error}. Install libtpu "
@@ -129,7 +131,7 @@ class FitReport:
 
   def describe(self) -> str:
     g = lambda n: f"{n / GIB:.2f} GiB"
-    mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
+    mesh = _mesh_text(self.mesh)
     limit = "HBM bandwidth" if self.bound_bytes and self.bound_bytes / \
         self.target.chip.hbm_bandwidth > self.flops / self.target.chip.peak_flops else "peak bf16"
     return "\n".join([
@@ -156,6 +158,11 @@ class FitReport:
         f"{self.temp_bytes / GIB:.1f} GiB). Change one of: " + "; ".join(self.hints))
 
 
+def _mesh_text(mesh) -> str:
+  return " x ".join(f"{k} {v}" for k, v in dict(mesh.shape if hasattr(mesh, "shape") else
+                                                  mesh).items())
+
+
 class FitError(ValueError):
   """The step would not fit in the chip's HBM: raised before anything runs."""
 
@@ -180,7 +187,17 @@ def measure(step, args: tuple, *, what: str, target: Target, mesh, state: Any,
             hints: tuple[str, ...] = ()) -> FitReport:
   """Lowers `step(*args)` (abstract args) and compiles it for the slice; its figures per chip."""
   began = time.perf_counter()
-  compiled = step.lower(*args).compile()
+  lowered = step.lower(*args)
+  try:
+    compiled = lowered.compile()
+  except Exception as error:  # the TPU compiler's own refusal: RESOURCE_EXHAUSTED
+    if "RESOURCE_EXHAUSTED" not in str(error):
+      raise
+    said = str(error).split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0]
+    raise FitError(f"{what} does not fit on {target.name} (mesh "
+                   f"{_mesh_text(mesh)}): the TPU compiler says {said!r} (parameters + "
+                   f"optimiser state {_per_chip_bytes(state) / GIB:.1f} GiB a chip). Change one "
+                   "of: " + "; ".join(hints)) from None
   compile_s = time.perf_counter() - began
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
