@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from dalle_jax import dvae, dvae_training, image_grid, rerank, sampling, sharding
-from dalle_jax import transformer_training
+from dalle_jax import checkpointing, fit_check, transformer_training
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import preprocess
 from dalle_jax.sampling import SampleSettings
@@ -59,6 +59,12 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Samples per compiled call 
                                    "is padded to it).", lower_bound=1)
 _DVAE_WORKDIR = flags.DEFINE_string("dvae_workdir", None, "The train_dvae.py run that decodes "
                                     "the codes (default: the run config's data.dvae_workdir).")
+_FSDP = flags.DEFINE_integer("fsdp", 1, "Split the transformer's parameters over this many "
+                             "devices as training does (its model dimension; the batch too).",
+                             lower_bound=1)
+_TENSOR = flags.DEFINE_integer("tensor", 1, "... and its heads and MLP over this many.",
+                               lower_bound=1)
+_FIT_CHECK = fit_check.define_flags()
 _TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None, "The tokenizer (default: the run "
                                      "config's data.tokenizer_dir).")
 
@@ -94,10 +100,12 @@ def check_settings() -> None:
     raise ValueError("--keep and --reranker only apply with --rerank=N")
 
 
-def load_transformer(workdir: str) -> tuple[TransformerConfig, Any, dict]:
-  """The run's model config, parameters (EMA unless --raw_params) and whole config dict."""
+def load_transformer(workdir: str, mesh=None) -> tuple[TransformerConfig, Any, dict]:
+  """The run's model config, parameters (EMA unless --raw_params; split over `mesh` as training
+  splits them) and whole config dict."""
   try:
-    return transformer_training.load_trained(workdir, _STEP.value, ema=not _RAW_PARAMS.value)
+    return transformer_training.load_trained(workdir, _STEP.value, ema=not _RAW_PARAMS.value,
+                                             mesh=mesh)
   except ValueError as error:
     raise ValueError(f"{error}\nThe arrays in {workdir}/checkpoints were written by another "
                      "model config: pass the workdir of the run that wrote them as --checkpoint, "
@@ -145,7 +153,16 @@ def main(argv):
   prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
   check_settings()
   reranker = rerank.TrainedReranker(_RERANKER.value) if _RERANK.value else None
-  config, params, run_config = load_transformer(_CHECKPOINT.value)
+  split = dict(data=-1, fsdp=_FSDP.value, tensor=_TENSOR.value)
+  fit_check.at_launch(_FIT_CHECK, lambda target: fit_check.transformer_sampling(
+      TransformerConfig(**checkpointing.read_run_config(
+          _CHECKPOINT.value, "train_transformer.py")["model"]), split, target,
+      min(_BATCH_SIZE.value, len(prompts) * (_RERANK.value or _NUM_SAMPLES.value)),
+      _GUIDANCE.value != 1.0))
+  model_mesh = None
+  if _FSDP.value * _TENSOR.value > 1:
+    model_mesh = sharding.make_mesh(**split, devices=jax.local_devices())
+  config, params, run_config = load_transformer(_CHECKPOINT.value, model_mesh)
   if _PRIME_ROWS.value > config.image_size:
     raise ValueError(f"--prime_rows {_PRIME_ROWS.value} is more than the {config.image_size} "
                      "rows of the code grid")
@@ -183,8 +200,18 @@ def main(argv):
   mesh = sharding.make_mesh(devices=devices) if batch % len(devices) == 0 else None
   place = (lambda x: x) if mesh is None else (
       lambda x: jax.device_put(x, sharding.replicated(mesh)))
-  params, dvae_params = place(params), place(dvae_params)
-  sample = sampling.make_sampler(config, dvae_config, mesh, guided=_GUIDANCE.value != 1.0)
+  param_shardings = None
+  if model_mesh is not None:
+    mesh, place = model_mesh, (lambda x: jax.device_put(x, sharding.replicated(model_mesh)))
+    param_shardings = transformer_training.param_shardings(config, mesh)
+    if batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
+      raise ValueError(f"--batch_size {batch} must divide over the data x fsdp = "
+                       f"{mesh.shape['data'] * mesh.shape['fsdp']} devices")
+  else:
+    params = place(params)
+  dvae_params = place(dvae_params)
+  sample = sampling.make_sampler(config, dvae_config, mesh, guided=_GUIDANCE.value != 1.0,
+                                 param_shardings=param_shardings)
 
   def batch_index(start: int) -> np.ndarray:
     """Samples start, ..., start + batch - 1; past the end, the last again (padding: one shape)."""
