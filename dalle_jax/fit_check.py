@@ -103,13 +103,14 @@ class FitReport:
   output_bytes: int          # outputs not written over donated inputs
   temp_bytes: int            # activations and every other temporary at the peak
   code_bytes: int
-  flops: float               # per chip per call, as XLA counts them
+  flops: float               # per chip per call, as XLA counts them (a loop's body once)
   items_per_call: int        # tokens (or images, or decoded image tokens) per call, all chips
   item_name: str
   compile_s: float
   bound_bytes: int = 0       # bytes a call must read per chip (decode: HBM-bound), 0: compute
   hints: tuple[str, ...] = ()  # what to change when it does not fit
   kernels: tuple[str, ...] = ()  # the Pallas/Mosaic kernels in the compiled program
+  model_flops: float = 0.0   # per chip per call by the model's own count; 0: XLA's count
 
   @property
   def total_bytes(self) -> int:
@@ -120,10 +121,16 @@ class FitReport:
     return self.total_bytes <= self.target.chip.hbm_bytes
 
   @property
+  def step_flops(self) -> float:
+    """FLOPs per chip per call: the model's count when given (XLA counts the body of a scan or
+    loop once, however many times it runs), else XLA's."""
+    return self.model_flops or self.flops
+
+  @property
   def call_s_bound(self) -> float:
     """The fastest a call can run: FLOPs at peak, or its bytes at full HBM bandwidth."""
     chip = self.target.chip
-    return max(self.flops / chip.peak_flops, self.bound_bytes / chip.hbm_bandwidth)
+    return max(self.step_flops / chip.peak_flops, self.bound_bytes / chip.hbm_bandwidth)
 
   @property
   def items_per_s_bound(self) -> float:
@@ -133,7 +140,10 @@ class FitReport:
     g = lambda n: f"{n / GIB:.2f} GiB"
     mesh = _mesh_text(self.mesh)
     limit = "HBM bandwidth" if self.bound_bytes and self.bound_bytes / \
-        self.target.chip.hbm_bandwidth > self.flops / self.target.chip.peak_flops else "peak bf16"
+        self.target.chip.hbm_bandwidth > self.step_flops / self.target.chip.peak_flops \
+        else "peak bf16"
+    counted = (f" by the model's count (XLA counts {self.flops / 1e12:.2f}, loop bodies once)"
+               if self.model_flops else "")
     return "\n".join([
         f"fit check: {self.what} on {self.target.name} ({self.target.chips} chips, mesh {mesh}),"
         f" compiled in {self.compile_s:.1f}s",
@@ -142,7 +152,8 @@ class FitReport:
         f"temporaries {g(self.temp_bytes)}, code {g(self.code_bytes)}",
         f"  total {g(self.total_bytes)} of {g(self.target.chip.hbm_bytes)} HBM: "
         + ("fits" if self.fits else "DOES NOT FIT"),
-        f"  {self.flops / 1e12:.2f} TFLOP per chip per call; upper bound at {limit}: "
+        f"  {self.step_flops / 1e12:.2f} TFLOP per chip per call{counted}; upper bound at "
+        f"{limit}: "
         f"{self.call_s_bound * 1e3:.1f} ms a call, {self.items_per_s_bound:,.0f} "
         f"{self.item_name}/s on the slice",
         "  TPU kernels: " + (", ".join(self.kernels) or "none"),
@@ -218,6 +229,23 @@ def _kernels(hlo: str) -> tuple[str, ...]:
   return tuple(sorted({re.sub(r"\.\d+$", "", name) for name in names}))
 
 
+def transformer_flops(model, batch: int, train: bool = True) -> float:
+  """FLOPs of one step over `batch` examples, all chips: every matmul (2 per multiply-add) with
+  attention over exactly the pairs each layer's mask admits; training is forward + backward
+  (3x), plus the blocks' forward again under remat."""
+  c = model
+  qkv_out = 4 * c.width * c.heads * c.head_dim            # q, k, v and the output projection
+  block = 2 * c.seq_len * (qkv_out + 2 * c.mlp_ratio * c.width ** 2)
+  kinds = c.kinds()
+  attention = sum(4 * c.heads * c.head_dim * int(c.mask(kind).sum()) * kinds.count(kind)
+                  for kind in set(kinds))
+  heads = 2 * c.width * ((c.text_len - 1) * c.num_text_tokens + c.image_len * c.image_vocab_size)
+  blocks = c.depth * block + attention
+  if not train:
+    return batch * (blocks + heads)
+  return batch * ((4 if c.remat else 3) * blocks + 3 * heads)
+
+
 def _hints(mesh, state_gib: float, batch_flag: str, remat: bool | None) -> tuple[str, ...]:
   hints = [f"split the state ({state_gib:.1f} GiB a chip) over more chips: raise "
            f"--config.mesh.fsdp (now {mesh.shape['fsdp']}) and lower --config.mesh.data"]
@@ -254,9 +282,10 @@ def transformer_train(model, train, mesh_config: dict[str, int], target: Target)
   b = train.batch_size
   batch = {"text": _batch(mesh, (b, model.text_len), jnp.int32),
            "codes": _batch(mesh, (b, model.image_size, model.image_size), jnp.int32)}
-  return _train_step(transformer_training, model, train, mesh, target, (batch,),
-                     what="transformer train step", items_per_call=b * model.seq_len,
-                     item_name="tokens", remat=model.remat)
+  report = _train_step(transformer_training, model, train, mesh, target, (batch,),
+                       what="transformer train step", items_per_call=b * model.seq_len,
+                       item_name="tokens", remat=model.remat)
+  return dataclasses.replace(report, model_flops=transformer_flops(model, b) / target.chips)
 
 
 def dvae_train(model, train, mesh_config: dict[str, int], target: Target) -> FitReport:
@@ -299,12 +328,16 @@ def transformer_sampling(model, mesh_config: dict[str, int], target: Target, bat
           sds(keys.shape, keys.dtype, split), settings,
           sds((batch, model.image_size, model.image_size), jnp.int32, split))
   param_bytes = _per_chip_bytes(params)
-  return measure(sample, args, what=f"transformer sampler, batch {batch}", target=target,
+  report = measure(sample, args, what=f"transformer sampler, batch {batch}", target=target,
                    mesh=mesh, state=params, items_per_call=batch * model.image_len,
                    item_name="image tokens", bound_bytes=param_bytes * model.image_len,
                    hints=(f"split the parameters ({param_bytes / GIB:.1f} GiB a chip) over more "
                           "chips: raise --fsdp or --tensor", "a smaller --batch_size",
                           "a larger slice"))
+  # Decoding every position with the cache is one forward pass over the sequence, in FLOPs.
+  rows = batch * (2 if guided else 1)
+  return dataclasses.replace(
+      report, model_flops=transformer_flops(model, rows, train=False) / target.chips)
 
 
 # ---------------------------------------------------------------- the launch scripts' flags

@@ -81,7 +81,7 @@ def main(argv):
     raise ValueError(f"unknown cases {unknown}; choose from {', '.join(CASES)}")
   print(f"# {bench_util.cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__}, "
         f"{time.strftime('%Y-%m-%d')}")
-  print("| case | slice | mesh | state GiB | temps GiB | total GiB / HBM | TFLOP/chip | "
+  print("| case | slice | mesh | state GiB | temps GiB | total GiB / HBM | TFLOP/chip (XLA's) | "
         "bound ms | bound items/s | compile s (CPU s, others' load) | splash |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   results = {}
@@ -94,12 +94,14 @@ def main(argv):
     g = lambda n: f"{n / fit_check.GIB:.2f}"
     print(f"| {name} | {report.target.name} | {fit_check._mesh_text(report.mesh)} | "
           f"{g(report.state_bytes)} | {g(report.temp_bytes)} | {g(report.total_bytes)} / "
-          f"{g(report.target.chip.hbm_bytes)} | {report.flops / 1e12:.1f} | "
+          f"{g(report.target.chip.hbm_bytes)} | {report.step_flops / 1e12:.1f} "
+          f"({report.flops / 1e12:.1f}) | "
           f"{report.call_s_bound * 1e3:.1f} | {report.items_per_s_bound:,.0f} "
           f"{report.item_name} | {report.compile_s:.0f} ({own_cpu:.0f}, {load:.1f} cores) | "
           f"{'yes' if any('splash' in k for k in report.kernels) else 'no'} |", flush=True)
     results[name] = {**dataclasses.asdict(report), "target": report.target.name,
                      "total_bytes": report.total_bytes, "fits": report.fits,
+                     "step_flops": report.step_flops,
                      "call_s_bound": report.call_s_bound,
                      "items_per_s_bound": report.items_per_s_bound, "own_cpu_s": own_cpu,
                      "foreign_load_cores": load}
