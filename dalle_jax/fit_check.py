@@ -206,8 +206,8 @@ def measure(step, args: tuple, *, what: str, target: Target, mesh, state: Any,
       raise
     said = str(error).split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0]
     raise FitError(f"{what} does not fit on {target.name} (mesh "
-                   f"{_mesh_text(mesh)}): the TPU compiler says {said!r} (parameters + "
-                   f"optimiser state {_per_chip_bytes(state) / GIB:.1f} GiB a chip). Change one "
+                   f"{_mesh_text(mesh)}): the TPU compiler says {said!r} (stored state "
+                   f"{_per_chip_bytes(state) / GIB:.1f} GiB a chip). Change one "
                    "of: " + "; ".join(hints)) from None
   compile_s = time.perf_counter() - began
   memory = compiled.memory_analysis()

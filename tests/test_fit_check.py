@@ -58,7 +58,7 @@ def test_launch_refuses_a_step_that_does_not_fit(tmp_path):
   assert "exceeds available HBM" in message  # the TPU compiler's own words
   state_gib = 16 * transformer.count_params(TransformerConfig(
       **{**transformer_tiny.get_config().model, "width": 8192})) / 2 ** 30
-  assert f"parameters + optimiser state {state_gib:.1f} GiB a chip" in message
+  assert f"stored state {state_gib:.1f} GiB a chip" in message
   for change in ("--config.mesh.fsdp (now 1)", "--config.model.remat=True",
                  "--config.train.grad_accum_steps", "a larger slice"):
     assert change in message
