@@ -99,7 +99,7 @@ class FitReport:
   target: Target
   mesh: dict[str, int]
   argument_bytes: int        # inputs: parameters, optimiser state, EMA, the batch
-  state_bytes: int           # of which parameters + optimiser state + EMA
+  state_bytes: int           # of which the stored state (`state_name`), unpadded
   output_bytes: int          # outputs not written over donated inputs
   temp_bytes: int            # activations and every other temporary at the peak
   code_bytes: int
@@ -111,6 +111,7 @@ class FitReport:
   hints: tuple[str, ...] = ()  # what to change when it does not fit
   kernels: tuple[str, ...] = ()  # the Pallas/Mosaic kernels in the compiled program
   model_flops: float = 0.0   # per chip per call by the model's own count; 0: XLA's count
+  state_name: str = "parameters + optimiser state + EMA"
 
   @property
   def total_bytes(self) -> int:
@@ -147,7 +148,7 @@ class FitReport:
     return "\n".join([
         f"fit check: {self.what} on {self.target.name} ({self.target.chips} chips, mesh {mesh}),"
         f" compiled in {self.compile_s:.1f}s",
-        f"  per chip: inputs {g(self.argument_bytes)} (parameters + optimiser state "
+        f"  per chip: inputs {g(self.argument_bytes)} ({self.state_name} "
         f"{g(self.state_bytes)} unpadded), new outputs {g(self.output_bytes)}, "
         f"temporaries {g(self.temp_bytes)}, code {g(self.code_bytes)}",
         f"  total {g(self.total_bytes)} of {g(self.target.chip.hbm_bytes)} HBM: "
@@ -165,7 +166,7 @@ class FitReport:
     raise FitError(
         f"{self.what} needs {self.total_bytes / GIB:.1f} GiB per chip on {self.target.name}, "
         f"more than its {self.target.chip.hbm_bytes / GIB:.0f} GiB of HBM "
-        f"(parameters + optimiser state {self.state_bytes / GIB:.1f} GiB, temporaries "
+        f"({self.state_name} {self.state_bytes / GIB:.1f} GiB, temporaries "
         f"{self.temp_bytes / GIB:.1f} GiB). Change one of: " + "; ".join(self.hints))
 
 
@@ -337,7 +338,8 @@ def transformer_sampling(model, mesh_config: dict[str, int], target: Target, bat
   # Decoding every position with the cache is one forward pass over the sequence, in FLOPs.
   rows = batch * (2 if guided else 1)
   return dataclasses.replace(
-      report, model_flops=transformer_flops(model, rows, train=False) / target.chips)
+      report, model_flops=transformer_flops(model, rows, train=False) / target.chips,
+      state_name="parameters")
 
 
 # ---------------------------------------------------------------- the launch scripts' flags

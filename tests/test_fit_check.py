@@ -70,3 +70,25 @@ def test_bad_target_is_refused_with_the_format():
     with pytest.raises(ValueError, match="expected <chip>:<topology>"):
       fit_check.Target.parse(spec)
   assert fit_check.Target.parse("v5p:4x4x4").chips == 64
+
+
+def test_report_bounds_and_refusal_from_the_figures():
+  """The arithmetic on a compiled program's figures: no compile here."""
+  chip = fit_check.CHIPS["v5p"]
+  report = fit_check.FitReport(
+      what="sampler", target=fit_check.Target.parse("v5p:2x2x2"), mesh={"data": 1, "fsdp": 8,
+                                                                         "tensor": 1},
+      argument_bytes=60 * fit_check.GIB, state_bytes=59 * fit_check.GIB, output_bytes=0,
+      temp_bytes=40 * fit_check.GIB, code_bytes=fit_check.GIB, flops=1e12, items_per_call=8,
+      item_name="image tokens", compile_s=1.0, bound_bytes=59 * fit_check.GIB,
+      hints=("raise --fsdp", "a larger slice"), model_flops=2e12, state_name="parameters")
+  assert report.total_bytes == 101 * fit_check.GIB and not report.fits
+  # Reading 59 GiB at 2.765 TB/s takes longer than 2 TFLOP at 459 TFLOP/s: HBM-bound.
+  assert report.call_s_bound == pytest.approx(59 * fit_check.GIB / chip.hbm_bandwidth)
+  assert report.items_per_s_bound == pytest.approx(8 / report.call_s_bound)
+  assert "upper bound at HBM bandwidth" in report.describe()
+  assert "DOES NOT FIT" in report.describe()
+  with pytest.raises(fit_check.FitError, match=r"sampler needs 101.0 GiB per chip on v5p:2x2x2, "
+                     r"more than its 95 GiB of HBM \(parameters 59.0 GiB, temporaries 40.0 "
+                     r"GiB\). Change one of: raise --fsdp; a larger slice"):
+    report.refuse_if_too_big()
