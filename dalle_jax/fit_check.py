@@ -200,9 +200,6 @@ def measure(step, args: tuple, *, what: str, target: Target, mesh, state: Any,
   """Lowers `step(*args)` (abstract args) and compiles it for the slice; its figures per chip."""
   began = time.perf_counter()
   lowered = step.lower(*args)
-  # A program compiled without a TPU client cannot be read back from the persistent cache.
-  cached = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
   try:
     compiled = lowered.compile()
   except Exception as error:  # the TPU compiler's own refusal: RESOURCE_EXHAUSTED
@@ -213,8 +210,6 @@ def measure(step, args: tuple, *, what: str, target: Target, mesh, state: Any,
                    f"{_mesh_text(mesh)}): the TPU compiler says {said!r} (stored state "
                    f"{_per_chip_bytes(state) / GIB:.1f} GiB a chip). Change one "
                    "of: " + "; ".join(hints)) from None
-  finally:
-    jax.config.update("jax_enable_compilation_cache", cached)
   compile_s = time.perf_counter() - began
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
