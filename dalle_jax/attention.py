@@ -4,8 +4,9 @@
 
 `mask` is a NumPy array from `dalle_jax.masks`, known at trace time. The dense path computes every
 score and masks it; "block_sparse" derives block lists from the same array and computes only the
-non-empty blocks: on TPU with Pallas splash attention (`dalle_jax.splash_attention`, run per
-device under `shard_map`), elsewhere in plain XLA (`dalle_jax.block_sparse`).
+non-empty blocks: for a TPU target (the mesh's devices, even when this host has none) with Pallas
+splash attention (`dalle_jax.splash_attention`, run per device under `shard_map`), elsewhere in
+plain XLA (`dalle_jax.block_sparse`).
 """
 
 from __future__ import annotations
@@ -95,11 +96,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: np.ndarray,
   if implementation == "fused":
     return jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask)[None, None])
   if implementation == "block_sparse":
-    if jax.default_backend() == "tpu" and splash_attention.available():
+    if target_platform() == "tpu" and splash_attention.available():
       return sharded_splash_attention(q, k, v, mask, permutation)
     return block_sparse.block_sparse_attention(q, k, v, mask, block_size, permutation)
   raise ValueError(f"unknown attention implementation {implementation!r}; choose one of "
                    f"{', '.join(IMPLEMENTATIONS)}")
+
+
+def target_platform() -> str:
+  """The platform the traced program compiles for: that of the devices of the mesh in context
+  (`jax.set_mesh`, e.g. a TPU slice described on a CPU host), else the default backend's."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
 
 
 def sharded_splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: np.ndarray,

@@ -310,3 +310,30 @@ def read_run_config(workdir: str | os.PathLike, script: str) -> dict[str, Any]:
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a {script} workdir?")
   return json.loads(path.read_text())
+
+
+def restore_items(workdir: str | os.PathLike, abstract_items: dict[str, Any],
+                  step: int | None = None) -> dict[str, Any]:
+  """Only the named top-level items of a launch's saved state (e.g. `{"ema_params": tree}`), each
+  leaf placed on its ShapeDtypeStruct's sharding: an orbax partial restore, which reads nothing
+  else (not the optimiser's moments, twice the parameters' size).
+
+  Raises FileNotFoundError without a complete checkpoint, ValueError when the items do not match.
+  """
+  checkpointer = Checkpointer(epath.Path(workdir) / "checkpoints", writer=False)
+  manager, directory = checkpointer._manager, checkpointer.directory
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    args = ocp.args.PyTreeRestore(
+        item=abstract_items, restore_args=ocp.checkpoint_utils.construct_restore_args(
+            abstract_items), partial_restore=True)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=args))
+    except (ValueError, KeyError, TypeError) as error:
+      raise ValueError(f"the checkpoint in {workdir} does not match its config.json: {error}; "
+                       "pass the workdir of the run that wrote it") from error
+  finally:
+    checkpointer.close()
+  return dict(restored["state"])

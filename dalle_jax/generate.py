@@ -138,13 +138,15 @@ class Generator:
 
   @classmethod
   def load(cls, workdir: str, reranker: str | None = None, dvae: Any = None, *,
-           tokenizer: str | None = None, step: int | None = None, ema: bool = True
-           ) -> Generator:
+           tokenizer: str | None = None, step: int | None = None, ema: bool = True,
+           mesh=None) -> Generator:
     """A `train_transformer.py` run (EMA parameters unless `ema=False`), its tokenizer and dVAE
     (defaults: those its config names; `dvae` as `load_dvae` takes it) and a `train_reranker.py`
-    run."""
+    run. With a `mesh` (axes data, fsdp, tensor) the parameters are read straight into the
+    shards training gives them, so a model too large for one device draws across several."""
     try:
-      config, params, run_config = transformer_training.load_trained(workdir, step, ema=ema)
+      config, params, run_config = transformer_training.load_trained(workdir, step, ema=ema,
+                                                                     mesh=mesh)
     except ValueError as error:
       raise ValueError(f"{error}\nThe arrays in {workdir}/checkpoints were written by another "
                        "model config: pass the workdir of the run that wrote them, or put back "
@@ -157,7 +159,9 @@ class Generator:
     dvae_config, dvae_params = load_dvae(dvae or data.get("dvae_workdir", ""), config)
     return cls(config, params, tokenizer_lib.Tokenizer.load(tokenizer_dir), dvae_config,
                dvae_params, rerank.TrainedReranker(reranker) if reranker else None,
-               run_config=run_config)
+               mesh=mesh, run_config=run_config,
+               param_shardings=None if mesh is None else transformer_training.param_shardings(
+                   config, mesh))
 
   @property
   def text_len(self) -> int:

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -31,8 +32,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} must use exactly the "
                      f"{len(devices)} devices; set --mesh_data=-1 to fill the rest with data")
   # Auto axes: the compiler propagates shardings from the ones we declare on inputs and outputs.
-  return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                       devices=devices)
+  types = (AxisType.Auto,) * 3
+  try:
+    return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=types, devices=devices)
+  except NotImplementedError:
+    # A TPU torus whose sides the mesh's axes do not match (tensor 2 on v5p's 4x4x8): split
+    # its sides, as jax.make_mesh does on v5e only.
+    grid = mesh_utils.create_device_mesh((data, fsdp, tensor), devices,
+                                         allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -80,6 +88,7 @@ TRANSFORMER_RULES = (
     ("vocab", "tensor"),
     ("kv", None),
     ("norm", None),
+    ("layers", None),  # the stacked groups of `scan_layers`
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),

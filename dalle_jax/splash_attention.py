@@ -15,6 +15,7 @@ backend (slow: tests only).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 
 import jax
@@ -127,10 +128,13 @@ def _build_kernel(key: _MaskKey, order: bytes | None, heads: int, block_size: in
   sizes = _kernel_lib.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                                  block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b,
                                  block_kv_dq=b, use_fused_bwd_kernel=False)
-  # Concrete block lists even when first asked inside a jit trace: the cache outlives traces.
-  with jax.ensure_compile_time_eval():
-    return _kernel_lib.make_splash_mha_single_device(
-        _mask_lib.MultiHeadMask([shared] * heads), block_sizes=sizes, interpret=interpret)
+  build = lambda: _kernel_lib.make_splash_mha_single_device(
+      _mask_lib.MultiHeadMask([shared] * heads), block_sizes=sizes, interpret=interpret)
+  # On a thread of its own, outside this thread's jit trace and mesh (both thread-local): its
+  # block lists are concrete host arrays (the cache outlives traces), even while tracing for a
+  # TPU slice that this host only describes and so cannot run them on.
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(build).result()
 
 
 def _reorder(x: jax.Array, order: np.ndarray) -> jax.Array:

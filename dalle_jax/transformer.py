@@ -28,6 +28,7 @@ import numpy as np
 from dalle_jax import attention, masks
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SCAN_GROUP = 4  # the paper's schedule repeats every 4 layers (row, column, row, row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,9 @@ class TransformerConfig:
   attention_block_size: int = 32  # block_sparse on CPU/GPU (splash on TPU uses 128)
   dtype: str = "float32"          # compute dtype; parameters stay float32
   remat: bool = False             # recompute each block's activations in the backward pass
+  # Compile the repeating group of layer kinds once (`nn.scan`) instead of once per layer: the
+  # parameters of the scanned groups are stacked (see `scan_groups`, `stack_layers`).
+  scan_layers: bool = False
   dropout: float = 0.0
   text_loss_weight: float = 1 / 8  # the image loss gets 1 - this
 
@@ -96,6 +100,18 @@ class TransformerConfig:
 
   def kinds(self) -> tuple[str, ...]:
     return self.layer_kinds or tuple(masks.layer_kinds(self.depth))
+
+  def scan_groups(self) -> tuple[int, tuple[str, ...]]:
+    """(n, group): layers 0..n*len(group)-1 are n repeats of `group` (the paper's row, column,
+    row, row) that `scan_layers` compiles once; the rest (the group holding the last,
+    convolutional layer) stay unrolled. n is 0 without `scan_layers`."""
+    kinds = self.kinds()
+    group = kinds[:SCAN_GROUP]
+    n = 0
+    while self.scan_layers and kinds[n * SCAN_GROUP:(n + 1) * SCAN_GROUP] == group and \
+        (n + 1) * SCAN_GROUP < len(kinds):
+      n += 1
+    return n, group
 
   def permutation(self, kind: str) -> np.ndarray | None:
     """The order block-sparse attention runs a layer in: column-major for the column masks,
@@ -276,6 +292,20 @@ class Block(nn.Module):
     return _constrain(x, ("batch", "length", "act_embed"))
 
 
+class BlockGroup(nn.Module):
+  """Consecutive blocks of the given kinds, as one step of `nn.scan`: (x, carry-less) -> x."""
+  config: TransformerConfig
+  kinds: tuple[str, ...]
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool,
+               start: jax.Array | int | None = None) -> tuple[jax.Array, None]:
+    block = nn.remat(Block, static_argnums=(2,)) if self.config.remat else Block
+    for j, kind in enumerate(self.kinds):
+      x = block(self.config, kind, name=f"block_{j}")(x, deterministic, start)
+    return x, None
+
+
 class Transformer(nn.Module):
   """The model. Training: `__call__(text int32[B, T], codes int32[B, H, W] or [B, H*W])` ->
   (text logits float32[B, T-1, T_vocab + T], image logits float32[B, H*W, image_vocab]).
@@ -296,7 +326,15 @@ class Transformer(nn.Module):
     self.image_row = embed("image_row", c.image_size)
     self.image_column = embed("image_column", c.image_size)
     block = nn.remat(Block, static_argnums=(2,)) if c.remat else Block
-    self.blocks = [block(c, kind, name=f"block_{i}") for i, kind in enumerate(c.kinds())]
+    n, group = c.scan_groups()
+    self.groups = nn.scan(BlockGroup, variable_axes={"params": 0, "cache": 0},
+                          split_rngs={"params": True, "dropout": True},
+                          in_axes=(nn.broadcast, nn.broadcast), length=n,
+                          metadata_params={nn.PARTITION_NAME: "layers"}
+                          )(c, group, name="groups") if n else None
+    first = n * len(group)
+    self.blocks = [block(c, kind, name=f"block_{i}")
+                   for i, kind in enumerate(c.kinds()) if i >= first]
     self.ln_final = LayerNorm(DTYPES[c.dtype])
     self.dropout = nn.Dropout(c.dropout)
     head = lambda n: Projection("bse,ev->bsv", (c.width, n), ("embed", "vocab"), ("vocab",),
@@ -320,6 +358,8 @@ class Transformer(nn.Module):
            start: jax.Array | int | None = None) -> jax.Array:
     x = _constrain(x.astype(DTYPES[self.config.dtype]), ("batch", "length", "act_embed"))
     x = self.dropout(x, deterministic=deterministic)
+    if self.groups is not None:
+      x, _ = self.groups(x, deterministic, start)
     for block in self.blocks:
       x = block(x, deterministic, start) if start is not None else block(x, deterministic)
     return self.ln_final(x)
@@ -379,3 +419,26 @@ def abstract_params(config: TransformerConfig) -> Any:
 def count_params(config: TransformerConfig) -> int:
   leaves = jax.tree.leaves(nn.unbox(abstract_params(config)))
   return int(sum(np.prod(x.shape, dtype=np.int64) for x in leaves))
+
+
+def stack_layers(config: TransformerConfig, params: Any) -> Any:
+  """Unrolled parameters (`block_0` ... `block_{depth-1}`) in the layout of `config`, which has
+  `scan_layers`: block g*4+j of the scanned groups becomes row g of `groups/block_j`."""
+  n, group = config.scan_groups()
+  params = dict(params)
+  layers = [[params.pop(f"block_{g * len(group) + j}") for g in range(n)]
+            for j in range(len(group))]
+  groups = {f"block_{j}": jax.tree.map(lambda *rows: jnp.stack(rows), *rows)
+            for j, rows in enumerate(layers)}
+  return {**params, "groups": groups} if n else params
+
+
+def unstack_layers(config: TransformerConfig, params: Any) -> Any:
+  """The inverse of `stack_layers`: a scanned model's parameters, one `block_i` per layer."""
+  n, group = config.scan_groups()
+  params = dict(params)
+  groups = params.pop("groups", None)
+  for g in range(n):
+    for j in range(len(group)):
+      params[f"block_{g * len(group) + j}"] = jax.tree.map(lambda x: x[g], groups[f"block_{j}"])
+  return params

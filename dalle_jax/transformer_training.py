@@ -123,6 +123,17 @@ def state_shardings(model: TransformerConfig, train: TransformerTrainConfig, mes
   return shardings
 
 
+def param_shardings(model: TransformerConfig, mesh, rules=sharding.TRANSFORMER_RULES) -> Any:
+  """NamedSharding of every parameter as training places it: by its logical names and `rules`.
+
+  Raises ValueError (before any compile) when an axis would not split evenly over the mesh.
+  """
+  abstract = transformer.abstract_params(model)
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+  sharding.check_divisible(nn.unbox(abstract), shardings)
+  return shardings
+
+
 def create_sharded_state(model: TransformerConfig, train: TransformerTrainConfig, mesh,
                          shardings: TrainState) -> TrainState:
   """Initialises the state directly into its shards: no host ever holds the whole of it."""
@@ -202,6 +213,13 @@ def _in_mesh_context(fn, mesh, rules):
   def run(*args):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return fn(*args)
+
+  def lower(*args):
+    """`fn.lower` in the same context: what the fit check compiles for a TPU slice."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return fn.lower(*args)
+
+  run.lower = lower
   return run
 
 
@@ -223,17 +241,26 @@ def make_eval_step(model: TransformerConfig, mesh, param_shardings: Any,
   return _in_mesh_context(step, mesh, rules)
 
 
-def load_trained(workdir: str, step: int | None = None, ema: bool = True
-                 ) -> tuple[TransformerConfig, Any, dict]:
-  """The transformer of a `train_transformer.py` run on one device: its config, parameters (EMA
-  by default) and the run's whole config dict (which names the tokenizer and data).
+def load_trained(workdir: str, step: int | None = None, ema: bool = True, mesh=None,
+                 rules=sharding.TRANSFORMER_RULES) -> tuple[TransformerConfig, Any, dict]:
+  """The transformer of a `train_transformer.py` run: its config, parameters (EMA by default) and
+  the run's whole config dict (which names the tokenizer and data).
+
+  Only those parameters are read from the checkpoint (not the optimiser state nor the other
+  copy). Without a `mesh` they land on one device; with one they are split as training splits
+  them (`rules`), so a model too large for one device loads across several.
 
   Raises FileNotFoundError when `workdir` holds no config.json or no complete checkpoint, and
   ValueError when the checkpoint does not match the config.
   """
   run_config = checkpointing.read_run_config(workdir, "train_transformer.py")
   model = TransformerConfig(**run_config["model"])
-  train = TransformerTrainConfig(**run_config["train"])
-  abstract = jax.eval_shape(lambda: init_state(model, train, jax.random.key(0)))
-  state = checkpointing.restore_run(workdir, abstract, step)
-  return model, state.ema_params if ema else state.params, run_config
+  if mesh is None:
+    placement = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: placement, nn.unbox(transformer.abstract_params(model)))
+  else:
+    shardings = param_shardings(model, mesh, rules)
+  abstract = checkpointing.abstract_like(nn.unbox(transformer.abstract_params(model)), shardings)
+  name = "ema_params" if ema else "params"
+  restored = checkpointing.restore_items(workdir, {name: abstract}, step)
+  return model, restored[name], run_config

@@ -20,10 +20,13 @@ import os
 import sys
 
 from absl import app, flags, logging
+import jax
 import numpy as np
 from PIL import Image
 
-from dalle_jax import generate, image_grid
+from dalle_jax import fit_check, generate, image_grid, sharding
+from dalle_jax.checkpointing import read_run_config
+from dalle_jax.transformer import TransformerConfig
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A train_transformer.py workdir.",
                                   required=True)
@@ -57,6 +60,12 @@ _DVAE_WORKDIR = flags.DEFINE_string("dvae_workdir", None, "The dVAE that decodes
                                     "train_dvae.py run, or a directory holding OpenAI's "
                                     "encoder.pkl and decoder.pkl (default: the run config's "
                                     "data.dvae_workdir).")
+_FSDP = flags.DEFINE_integer("fsdp", 1, "Split the transformer's parameters over this many "
+                             "devices as training does (its model dimension; the batch too).",
+                             lower_bound=1)
+_TENSOR = flags.DEFINE_integer("tensor", 1, "... and its heads and MLP over this many.",
+                               lower_bound=1)
+_FIT_CHECK = fit_check.define_flags()
 _TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None, "The tokenizer (default: the run "
                                      "config's data.tokenizer_dir).")
 
@@ -102,15 +111,22 @@ def draw_and_write() -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
   prompts = read_prompts()
   check_flags()
+  candidates = _RERANK.value or _NUM_SAMPLES.value
+  split = dict(data=-1, fsdp=_FSDP.value, tensor=_TENSOR.value)
+  fit_check.at_launch(_FIT_CHECK, lambda target: fit_check.transformer_sampling(
+      TransformerConfig(**read_run_config(_CHECKPOINT.value, "train_transformer.py")["model"]),
+      split, target, min(_BATCH_SIZE.value, len(prompts) * candidates), _GUIDANCE.value != 1.0))
   prime, prime_name = None, f"--prime_image {_PRIME_IMAGE.value}"
   if _PRIME_IMAGE.value:  # read before the models load: a bad file fails at once
     prime = generate.load_image(_PRIME_IMAGE.value, "--prime_image")
+  mesh = None
+  if _FSDP.value * _TENSOR.value > 1:
+    mesh = sharding.make_mesh(**split, devices=jax.local_devices())
   gen = generate.Generator.load(_CHECKPOINT.value, reranker=_RERANKER.value,
                                 dvae=_DVAE_WORKDIR.value, tokenizer=_TOKENIZER_DIR.value,
-                                step=_STEP.value, ema=not _RAW_PARAMS.value)
+                                step=_STEP.value, ema=not _RAW_PARAMS.value, mesh=mesh)
   if prime is not None:
     gen.check_prime_size(prime, prime_name)
-  candidates = _RERANK.value or _NUM_SAMPLES.value
   keep = (_KEEP.value or _NUM_SAMPLES.value) if _RERANK.value else candidates
   result = gen.generate(prompts, num_candidates=candidates, keep=keep,
                         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,

@@ -21,6 +21,7 @@ import tqdm
 from dalle_jax import (dvae, dvae_eval, dvae_training, finetune, image_grid, launch, preemption,
                        sharding, tensorboard, train_state)
 from dalle_jax import data as data_lib
+from dalle_jax import fit_check
 from dalle_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,6 +31,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, or auto.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_FIT_CHECK = fit_check.define_flags()
 
 
 def main(argv):
@@ -39,6 +41,8 @@ def main(argv):
   # ---------------------------------------------------------------- config, refused before compiling
   model = dvae.DVAEConfig(**config.model)
   train = dvae_training.DVAETrainConfig(**config.train)
+  fit_check.at_launch(_FIT_CHECK, lambda target: fit_check.dvae_train(
+      model, train, dict(config.mesh), target))
   launch.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   workdir = _WORKDIR.value
   launch.prepare_workdir(workdir, config.to_dict())

@@ -26,6 +26,7 @@ import tqdm
 from dalle_jax import finetune, image_grid, launch, preemption, rerank, sharding, tensorboard
 from dalle_jax import train_state
 from dalle_jax import data as data_lib
+from dalle_jax import fit_check
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import pipeline
 
@@ -36,6 +37,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, or auto.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_FIT_CHECK = fit_check.define_flags()
 
 
 def retrieval_figure(params, model: rerank.RerankerConfig, batch: dict, count: int = 16):
@@ -56,6 +58,8 @@ def main(argv):
   # -------------------------------------------------------------- config, refused before compiling
   model = rerank.RerankerConfig(**config.model)
   train = rerank.RerankerTrainConfig(**config.train)
+  fit_check.at_launch(_FIT_CHECK, lambda target: fit_check.reranker_train(
+      model, train, dict(config.mesh), target))
   if not config.data.tokenizer_dir:
     raise ValueError("set --config.data.tokenizer_dir (train_tokenizer.py's output)")
   tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer_dir)

@@ -24,6 +24,7 @@ import tqdm
 
 from dalle_jax import (finetune, generate, image_grid, launch, preemption, sharding, tensorboard,
                        train_state, transformer_training)
+from dalle_jax import fit_check
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import code_batches, code_shards
 from dalle_jax.transformer import TransformerConfig
@@ -39,6 +40,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _STOP_AT = flags.DEFINE_integer(
     "stop_at_step", None, "Checkpoint and exit at this step, the schedules still running to "
     "num_steps (time-limited jobs; run again to continue).")
+_FIT_CHECK = fit_check.define_flags()
 
 
 def check_data(model: TransformerConfig, tokenizer, shards: code_shards.CodeShards,
@@ -89,6 +91,8 @@ def main(argv):
   # ---------------------------------------------------------------- config, refused before compiling
   model = TransformerConfig(**config.model)
   train = TransformerTrainConfig(**config.train)
+  fit_check.at_launch(_FIT_CHECK, lambda target: fit_check.transformer_train(
+      model, train, dict(config.mesh), target))
   if not config.data.codes_dir or not config.data.tokenizer_dir:
     raise ValueError("set --config.data.codes_dir (encode_dataset.py's output) and "
                      "--config.data.tokenizer_dir (train_tokenizer.py's output)")

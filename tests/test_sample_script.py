@@ -26,9 +26,10 @@ HUGE_PROMPT = "two blue squares " * 199_999 + "two blue squares"  # 3.4 MB
 ENV = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu"}
 
 
-def _start(script: str, *flags: str) -> subprocess.Popen:
+def _start(script: str, *flags: str, env: dict | None = None) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, os.path.join(ROOT, "experiments", script), *flags],
-                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
 
 
 def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
@@ -50,10 +51,10 @@ def runs(tmp_path_factory):
   return train_tiny_stages(str(root), dvae16=True)
 
 
-def _sample(runs, out, *extra):
+def _sample(runs, out, *extra, env=None):
   return _start("sample.py", f"--checkpoint={runs['transformer']}",
                 *(f"--prompt={p}" for p in PROMPTS), "--num_samples=3", "--seed=7",
-                f"--out={out}", *extra)
+                f"--out={out}", *extra, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,9 @@ def sampled(runs, tmp_path_factory):
   processes = {
       "batch4": _sample(runs, root / "batch4", "--batch_size=4", f"--dvae_workdir={runs['dvae']}"),
       "batch2": _sample(runs, root / "batch2", "--batch_size=2"),
+      # The transformer split over 8 devices as training splits it (fsdp 2 x tensor 2).
+      "sharded": _sample(runs, root / "sharded", "--batch_size=4", "--fsdp=2", "--tensor=2",
+                         env={**ENV, "JAX_NUM_CPU_DEVICES": "8"}),
       "primed": _sample(runs, root / "primed", "--batch_size=4", f"--prime_image={prime}",
                         "--prime_rows=2"),
       "wrong_dvae": _sample(runs, root / "wrong", f"--dvae_workdir={runs['dvae16']}"),
@@ -111,6 +115,14 @@ def test_writes_the_grid_the_single_images_and_the_manifest(sampled):
   expected = image_grid.captioned_grid(np.zeros((6, 16, 16, 3), np.uint8), ["x"] * 6, columns=3)
   assert Image.open(out_dir / "grid.png").size == expected.size
   assert np.load(out_dir / "codes.npz")["codes"].shape == (2, 3, 4, 4)
+
+
+def test_the_transformer_split_over_devices_draws_the_same_images(sampled):
+  root, _, results = sampled
+  code, _, err = results["sharded"]
+  assert code == 0, err[-3000:]
+  codes = lambda name: np.load(root / name / "codes.npz")["codes"]
+  np.testing.assert_array_equal(codes("sharded"), codes("batch4"))
 
 
 def test_a_long_prompt_is_truncated_with_a_warning(sampled):

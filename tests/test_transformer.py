@@ -133,3 +133,39 @@ def test_block_sparse_and_fused_layers_match_dense_ones(kinds, implementation):
 def test_bad_configs_are_refused(change, message):
   with pytest.raises(ValueError, match=message):
     dataclasses.replace(TINY, **change)
+
+
+def test_scanned_layer_groups_match_unrolled_layers():
+  """`scan_layers`: 2 scanned repeats of (row, column, row, row), the last 2 layers unrolled;
+  the same parameters stacked give the same logits, decoding and gradients."""
+  from dalle_jax import sampling
+  config = dataclasses.replace(TINY, depth=10, remat=True)
+  scanned = dataclasses.replace(config, scan_layers=True)
+  assert scanned.scan_groups() == (2, ("row", "column", "row", "row"))
+  assert config.scan_groups()[0] == 0
+  params = _params(config)
+  stacked = transformer.stack_layers(scanned, params)
+  abstract = nn.unbox(transformer.abstract_params(scanned))
+  assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(lambda a: a.shape, stacked)
+  assert sorted(k for k in stacked if k.startswith("block_")) == ["block_8", "block_9"]
+  np.testing.assert_array_equal(stacked["groups"]["block_1"]["mlp"]["wi"]["kernel"][1],
+                                params["block_5"]["mlp"]["wi"]["kernel"])
+  assert jax.tree.all(jax.tree.map(np.array_equal, transformer.unstack_layers(scanned, stacked),
+                                   params))
+  # The stacked axis is named `layers` and never split.
+  spec = nn.get_partition_spec(transformer.abstract_params(scanned))
+  assert spec["groups"]["block_0"]["attention"]["qkv"]["kernel"][0] == "layers"
+
+  text, codes = _batch(config)
+  loss = lambda c, p: transformer.dalle_loss(
+      c, *transformer.Transformer(c).apply({"params": p}, text, codes), text, codes)[0]
+  np.testing.assert_allclose(loss(scanned, stacked), loss(config, params), rtol=1e-6)
+  grads = transformer.unstack_layers(scanned, jax.grad(loss, argnums=1)(scanned, stacked))
+  expected = jax.grad(loss, argnums=1)(config, params)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+  keys = jax.random.split(jax.random.key(1), 2)
+  settings = sampling.SampleSettings()
+  np.testing.assert_array_equal(sampling.sample_codes(scanned, stacked, text, keys, settings),
+                                sampling.sample_codes(config, params, text, keys, settings))

@@ -11,7 +11,8 @@ def get_config():
   config.model = dict(text_vocab_size=16_384, text_len=256, image_vocab_size=8_192,
                       image_size=32, width=3_968, depth=64, heads=62, head_dim=64,
                       conv_kernel=11, dtype="bfloat16", remat=True, dropout=0.0,
-                      attention="block_sparse")
+                      attention="block_sparse", scan_layers=True)
+  # scan_layers: the 15 repeats of (row, column, row, row) compile once, not 60 times.
   config.train = launch.config_section(
       transformer_training.TransformerTrainConfig, batch_size=1024, num_steps=430_000,
       learning_rate=4.5e-4, warmup_steps=5_000, decay="plateau", plateau_patience=5_000,
