@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import CACHE_ENV, make_stage2_data
-from dalle_jax import transformer_training
+from dalle_jax import finetune, transformer_training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "train_transformer.py")
@@ -132,7 +132,14 @@ def test_a_run_on_gcs_resumes_and_equals_a_local_run(bucket, tmp_path):
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["6", "8"]
   assert len(list((workdir / "tensorboard").iterdir())) == 2  # one events file per launch
   for ema in (False, True):
-    _, params, config = transformer_training.load_trained(str(workdir), ema=ema)
+    model, params, config = transformer_training.load_trained(str(workdir), ema=ema)
     _, expected, _ = transformer_training.load_trained(str(tmp_path / "local_run"), ema=ema)
     jax.tree.map(np.testing.assert_array_equal, params, expected)
   assert config["data"]["codes_dir"] == "gs://bucket/data/codes"
+
+  # --config.init_from=gs://...: fine-tuning reads the run's parameters from the bucket.
+  train = transformer_training.TransformerTrainConfig(**config["train"])
+  fresh = transformer_training.init_state(model, train, jax.random.key(1))
+  tuned = finetune.init_from(fresh, str(workdir))
+  jax.tree.map(np.testing.assert_array_equal, tuned.params,
+               transformer_training.load_trained(str(workdir), ema=False)[1])
