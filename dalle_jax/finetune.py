@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
@@ -29,9 +30,11 @@ def _names(tree: Any) -> dict[str, Any]:
 
 def latest_state_dir(workdir: str) -> str:
   """The `state` item of `workdir`'s latest complete checkpoint."""
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = epath.Path(workdir) / "checkpoints"
+  if "://" not in os.fspath(directory):  # a local path; gs:// and the like stay as they are
+    directory = directory.absolute()
   step = None
-  if os.path.isdir(directory):
+  if directory.is_dir():
     manager = ocp.CheckpointManager(directory,
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step()
@@ -39,7 +42,7 @@ def latest_state_dir(workdir: str) -> str:
   if step is None:
     raise FileNotFoundError(f"init_from={workdir!r}: no complete checkpoint in {directory}; "
                             "give the workdir of a run that saved one")
-  return os.path.join(directory, str(step), "state")
+  return os.fspath(directory / str(step) / "state")
 
 
 def check_shapes(target: Any, source: Any, workdir: str) -> None:

@@ -20,6 +20,7 @@ import math
 import os
 from typing import Any
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -356,12 +357,14 @@ def load_trained(workdir: str, step: int | None = None, ema: bool = True
   run_config = checkpointing.read_run_config(workdir, "train_reranker.py")
   config = RerankerConfig(**run_config["model"])
   train = RerankerTrainConfig(**run_config["train"])
-  tokenizer_dir = os.path.join(os.path.abspath(workdir), TOKENIZER_DIR)
-  if not os.path.isdir(tokenizer_dir):
+  tokenizer_dir = epath.Path(workdir) / TOKENIZER_DIR
+  if "://" not in os.fspath(tokenizer_dir):  # a local path; gs:// and the like stay as they are
+    tokenizer_dir = tokenizer_dir.absolute()
+  if not tokenizer_dir.is_dir():
     raise FileNotFoundError(f"{tokenizer_dir} not found: the run saves its tokenizer there")
   abstract = jax.eval_shape(lambda: init_state(config, train, jax.random.key(0)))
   state = checkpointing.restore_run(workdir, abstract, step)
-  return config, state.ema_params if ema else state.params, tokenizer_dir
+  return config, state.ema_params if ema else state.params, os.fspath(tokenizer_dir)
 
 
 class TrainedReranker:
