@@ -11,7 +11,6 @@ row per case and, with --out, writes every figure as JSON. Needs libtpu (`pip in
 import dataclasses
 import json
 import os
-import sys
 import time
 
 from absl import app, flags

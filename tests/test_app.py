@@ -2,7 +2,6 @@
 Chromium (Debian's `chromium`, which `make setup` installs) over the DevTools protocol."""
 
 import base64
-import io
 import json
 import os
 import shutil

@@ -4,7 +4,6 @@ splits them, and sampling across 8 simulated devices draws what one device draws
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
