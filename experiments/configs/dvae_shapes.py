@@ -16,16 +16,11 @@ def get_config():
   # learning rate (after a 100-step warm-up, without which short runs collapse onto one code)
   # then keep the objects' colours. Tau anneals 1 -> 1/4 over the run: down to the paper's 1/16
   # the codes used collapse in the last few hundred steps (perplexity 31 -> 9).
-  # Judged on reconstructions of 200 held-out renders (2026-11-30; the old config: beta 6.6,
-  # no floor, lr 1e-3 -> 1e-4, 256 codes): every attribute right 0.31 (was 0.035), colour 1.00
-  # (0.20), count 0.98 (0.43), size 0.86, shape 0.32 (0.32), PSNR 26.0 dB (21.5). Shape needs
-  # length: 4,500 steps (schedule_scale 0.03) give every attribute 0.66, shape 0.67, PSNR 28.7;
-  # 10,500 no more (0.645): small stars stay blobs. A lower floor, -2.5, at 4,500 steps: 0.385
-  # (objects merge: count 0.69). The decoder, trained on Gumbel samples only, draws small stars
-  # as blobs even from codes that differ from a small diamond's: the last 30% of the steps fit it
-  # to the argmax codes alone (encoder frozen), as it decodes them at sampling time. Post hoc on
-  # the 10,500-step dVAE, 1,500 such steps took every attribute 0.645 -> 0.765 (shape 0.68 ->
-  # 0.80); inside a 6,000-step run (4,500 + 1,500), 0.655 -> 0.705.
+  # Shape is what a short run loses (small stars stay blobs), and a floor lower than -2 merges
+  # objects. The decoder, trained on Gumbel samples only, draws small stars as blobs even from
+  # codes that differ from a small diamond's: the last 30% of the steps fit it to the argmax
+  # codes alone (encoder frozen), as it decodes them at sampling time. Measured effects of each
+  # choice: BENCHMARKS.md and git history.
   config.train = launch.config_section(
       dvae_training.DVAETrainConfig, batch_size=32, num_steps=1_500, learning_rate=2e-3,
       final_learning_rate=2e-3, lr_decay_steps=150_000, schedule_scale=0.01, beta=2.5,
