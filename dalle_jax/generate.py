@@ -28,13 +28,16 @@ import numpy as np
 from PIL import Image
 import tqdm
 
-from dalle_jax import convert, dvae, dvae_training, rerank, sampling, sharding
+from dalle_jax import sharding
+from dalle_jax.dvae import model as dvae, openai_weights, training as dvae_training
+from dalle_jax.rerank import training as rerank_training
+from dalle_jax.transformer import sampling
 from dalle_jax import tokenizer as tokenizer_lib
-from dalle_jax import transformer_training
+from dalle_jax.transformer import training as transformer_training
 from dalle_jax.data import code_shards, preprocess
 # What users hand in (captions, prompts files, images), and the error they get: part of this API.
 from dalle_jax.user_input import GenerationError, load_image, read_prompts, shorten  # noqa: F401
-from dalle_jax.transformer import TransformerConfig
+from dalle_jax.transformer.model import TransformerConfig
 
 OPENAI_FILES = ("encoder.pkl", "decoder.pkl")
 
@@ -56,7 +59,7 @@ def load_dvae(source: str | Sequence[str], config: TransformerConfig
   if isinstance(source, (str, os.PathLike)):
     dvae_config, params = dvae_training.load_trained(os.fspath(source))
   else:
-    dvae_config, params = convert.load_openai_dvae(*source)
+    dvae_config, params = openai_weights.load_openai_dvae(*source)
     # The released files fix the grid's downsampling, not the resolution: the model's grid does.
     dvae_config = dataclasses.replace(
         dvae_config, resolution=config.image_size * dvae_config.downsampling)
@@ -122,7 +125,7 @@ class Generator:
 
   def __init__(self, config: TransformerConfig, params: Any, tokenizer: tokenizer_lib.Tokenizer,
                dvae_config: dvae.DVAEConfig, dvae_params: Any,
-               reranker: rerank.TrainedReranker | None = None, *, mesh=None,
+               reranker: rerank_training.TrainedReranker | None = None, *, mesh=None,
                param_shardings: Any = None, run_config: dict | None = None):
     if (tokenizer.vocab_size, tokenizer.text_len) != (config.text_vocab_size, config.text_len):
       raise GenerationError(
@@ -158,7 +161,7 @@ class Generator:
                             "(--tokenizer_dir)")
     dvae_config, dvae_params = load_dvae(dvae or data.get("dvae_workdir", ""), config)
     return cls(config, params, tokenizer_lib.Tokenizer.load(tokenizer_dir), dvae_config,
-               dvae_params, rerank.TrainedReranker(reranker) if reranker else None,
+               dvae_params, rerank_training.TrainedReranker(reranker) if reranker else None,
                mesh=mesh, run_config=run_config,
                param_shardings=None if mesh is None else transformer_training.param_shardings(
                    config, mesh))

@@ -24,7 +24,7 @@ import sys
 from absl import app, flags
 import numpy as np
 
-from dalle_jax import masks
+from dalle_jax.transformer import masks
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the table go.", required=True)
 _DEMO_WORK = flags.DEFINE_string("demo_work", None, "A demo's work directory (demo_out/work): "

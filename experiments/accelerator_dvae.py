@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dalle_jax import convert, dvae
+from dalle_jax.dvae import model as dvae, openai_weights
 import accelerator_parts  # experiments/: this script's folder is on sys.path
 import bench_util
 from accelerator_parts import Budget, Sizes, time_calls
@@ -52,7 +52,7 @@ def _torch_peer(config: dvae.DVAEConfig) -> tuple[_Peer | None, str | None]:
                 vocab_size=config.vocab_size, use_mixed_precision=False)
   enc = dall_e.Encoder(**fields).eval()
   dec = dall_e.Decoder(n_init=config.n_init, **fields).eval()
-  params = {part: convert.openai_dvae_to_flax(m.state_dict(), part)
+  params = {part: openai_weights.openai_dvae_to_flax(m.state_dict(), part)
             for part, m in (("encoder", enc), ("decoder", dec))}
   return _Peer(torch, dall_e, enc.to(device), dec.to(device), jax.device_put(params), device), None
 

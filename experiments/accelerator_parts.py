@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import attention, roofline, sampling, sharding, transformer
-from dalle_jax import transformer_training
-from dalle_jax.transformer import TransformerConfig
+from dalle_jax import sharding
+from dalle_jax.transformer import attention, model as transformer, sampling
+from dalle_jax.scaling import roofline
+from dalle_jax.transformer import training as transformer_training
+from dalle_jax.transformer.model import TransformerConfig
 
 MASK_KINDS = ("row", "column", "conv", "dense")  # dense: plain causal, the reference
 

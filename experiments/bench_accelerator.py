@@ -16,11 +16,11 @@ Parts, in this order (each in one run, bf16 unless said; `--parts` picks some):
   train      the full train step (`transformer_training.make_train_step`: forward, loss,
              backward, clipping, AdamW, EMA) of a one-GPU config with the paper's mask schedule and
              block-sparse attention at the fastest block size the attention part found: tokens/s
-             and MFU = model FLOPs (`dalle_jax.roofline.train_step_flops`: 6 x params x tokens
+             and MFU = model FLOPs (`dalle_jax.scaling.roofline.train_step_flops`: 6 x params x tokens
              plus the attention the masks admit; no recomputation) / time / the matmul peak.
   dvae       the paper's dVAE at 256px, encode (uint8 pixels -> argmax codes) and decode (codes ->
              uint8 pixels), float32 and bfloat16, against OpenAI's `dall_e` modules on the same
-             device with the same weights (`dalle_jax.convert`): torch float32, and bfloat16 under
+             device with the same weights (`dalle_jax.dvae.openai_weights`): torch float32, and bfloat16 under
              torch.autocast; their decoder takes one-hot floats, as its official usage does.
   sample     the paper's 12B transformer (random bfloat16 weights), `sampling.sample_codes` with
              the sparse decode step, at batch 1 and the largest batch that fits: image tokens/s,

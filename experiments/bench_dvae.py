@@ -4,7 +4,7 @@
   python experiments/bench_dvae.py --batch=1 --repeats=3 --json_out=bench.json
   python experiments/bench_dvae.py --hugepages           # both sides on transparent huge pages
 
-Both sides get the same random weights (the torch state dict converted by `dalle_jax.convert`)
+Both sides get the same random weights (the torch state dict converted by `dalle_jax.dvae.openai_weights`)
 and the same images. Encode = uint8 pixels -> argmax codes; decode = codes -> uint8 pixels
 (torch: the official one-hot float input; ours: integer codes). Outputs are compared first, so
 that the two timings are of one computation. float32 throughout; both use every core this
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import convert, dvae
+from dalle_jax.dvae import model as dvae, openai_weights
 import bench_util  # experiments/bench_util.py: this script's folder is on sys.path
 
 if TYPE_CHECKING:  # torch and dall_e are imported only when --torch: JAX alone needs neither.
@@ -79,7 +79,7 @@ def _torch_contender(config: dvae.DVAEConfig, results: dict) -> tuple[dict, dict
   results["torch_threads"] = torch.get_num_threads()
   t_enc = dall_e.Encoder(vocab_size=config.vocab_size).eval()
   t_dec = dall_e.Decoder(vocab_size=config.vocab_size).eval()
-  params = {part: convert.openai_dvae_to_flax(module.state_dict(), part)
+  params = {part: openai_weights.openai_dvae_to_flax(module.state_dict(), part)
             for part, module in (("encoder", t_enc), ("decoder", t_dec))}
   params = jax.device_put(params)  # Once: NumPy leaves would be copied in on every call.
 

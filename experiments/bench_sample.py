@@ -24,9 +24,9 @@ from ml_collections import config_flags
 import numpy as np
 
 import bench_util
-from dalle_jax import sampling, transformer
-from dalle_jax.sampling import SampleSettings
-from dalle_jax.transformer import TransformerConfig
+from dalle_jax.transformer import model as transformer, sampling
+from dalle_jax.transformer.sampling import SampleSettings
+from dalle_jax.transformer.model import TransformerConfig
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "transformer_bench_small.py"),

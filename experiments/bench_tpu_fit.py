@@ -3,7 +3,7 @@
   .venv/bin/python experiments/bench_tpu_fit.py --out=/tmp/tpu_fit.json
   .venv/bin/python experiments/bench_tpu_fit.py --cases=scan_unrolled,scan_scanned
 
-Each case is the launch scripts' own fit check (`dalle_jax.fit_check`, what `--fit_check` runs),
+Each case is the launch scripts' own fit check (`dalle_jax.scaling.fit_check`, what `--fit_check` runs),
 compiled one after another (each takes minutes of CPU at the paper's size). Prints one markdown
 row per case and, with --out, writes every figure as JSON. Needs libtpu (`pip install -e .[tpu]`).
 """
@@ -18,9 +18,10 @@ import jax
 
 import bench_util
 from configs import dvae_paper, transformer_paper
-from dalle_jax import dvae, dvae_training, fit_check
-from dalle_jax.transformer import TransformerConfig
-from dalle_jax.transformer_training import TransformerTrainConfig
+from dalle_jax.dvae import model as dvae, training as dvae_training
+from dalle_jax.scaling import fit_check
+from dalle_jax.transformer.model import TransformerConfig
+from dalle_jax.transformer.training import TransformerTrainConfig
 
 _CASES = flags.DEFINE_list("cases", ["12b_v5p_128", "12b_v5e_256", "12b_v6e_256", "dvae_v5p_64",
                                      "sample_12b_v5p_8"], "Which cases to compile, in order.")

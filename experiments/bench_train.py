@@ -37,9 +37,10 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from dalle_jax import sharding, transformer, transformer_training
-from dalle_jax.transformer import TransformerConfig
-from dalle_jax.transformer_training import TransformerTrainConfig
+from dalle_jax import sharding
+from dalle_jax.transformer import model as transformer, training as transformer_training
+from dalle_jax.transformer.model import TransformerConfig
+from dalle_jax.transformer.training import TransformerTrainConfig
 import bench_util  # experiments/bench_util.py: this script's folder is on sys.path
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -17,7 +17,7 @@ import platform
 import sys
 from typing import Any
 
-from dalle_jax import launch
+from dalle_jax.train import launch
 
 
 def cpu_seconds() -> tuple[float, float]:

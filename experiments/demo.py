@@ -32,7 +32,8 @@ from absl import app, flags
 import numpy as np
 from PIL import Image
 
-from dalle_jax import image_grid, launch, plots
+from dalle_jax import image_grid, plots
+from dalle_jax.train import launch
 from dalle_jax.data import code_shards
 from dalle_jax.data import emoji, shapes
 

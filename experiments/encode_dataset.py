@@ -27,7 +27,8 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from dalle_jax import convert, dvae, dvae_training, launch
+from dalle_jax.dvae import model as dvae, openai_weights, training as dvae_training
+from dalle_jax.train import launch
 from dalle_jax import data as data_lib
 from dalle_jax.data import code_shards
 from dalle_jax.data import pipeline
@@ -75,7 +76,7 @@ def main(argv):
   if bool(_DVAE_WORKDIR.value) == bool(_OPENAI_DVAE.value):
     raise ValueError("give exactly one of --dvae_workdir and --openai_dvae")
   if _OPENAI_DVAE.value:
-    model, params = convert.load_openai_dvae(os.path.join(_OPENAI_DVAE.value, "encoder.pkl"),
+    model, params = openai_weights.load_openai_dvae(os.path.join(_OPENAI_DVAE.value, "encoder.pkl"),
                                              os.path.join(_OPENAI_DVAE.value, "decoder.pkl"))
   else:
     model, params = dvae_training.load_trained(_DVAE_WORKDIR.value, _STEP.value,

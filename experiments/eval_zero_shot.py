@@ -7,7 +7,7 @@
 
 Shapes: the share of samples with every captioned attribute, beside chance and the judge on
 ground truth (as drawn and through the dVAE); emoji: the share nearest their own variant among
-the family's renders. `dalle_jax/zero_shot_eval.py` holds the evaluation; this script reads flags
+the family's renders. `dalle_jax/evaluation/zero_shot.py` holds the evaluation; this script reads flags
 and writes the JSON (--out) and the grid (--grid, held-out captions framed red).
 """
 
@@ -17,11 +17,12 @@ import sys
 
 from absl import app, flags, logging
 
-from dalle_jax import generate, zero_shot_eval
+from dalle_jax import generate
+from dalle_jax.evaluation import zero_shot
 
 _TRANSFORMER = flags.DEFINE_string("transformer_workdir", None, "A train_transformer.py workdir.",
                                    required=True)
-_DATASET = flags.DEFINE_enum("dataset", "shapes", zero_shot_eval.DATASETS,
+_DATASET = flags.DEFINE_enum("dataset", "shapes", zero_shot.DATASETS,
                              "Which captions and which judge.")
 _NUM_CAPTIONS = flags.DEFINE_integer("num_captions", 32, "Captions per split (held-out and "
                                      "training).", lower_bound=1)
@@ -61,7 +62,7 @@ def main(argv):
                                   _CANDIDATES.value else None, dvae=_DVAE_WORKDIR.value,
                                   tokenizer=_TOKENIZER_DIR.value, step=_STEP.value,
                                   ema=not _RAW_PARAMS.value)
-    results = zero_shot_eval.evaluate(
+    results = zero_shot.evaluate(
         gen, _DATASET.value, num_captions=_NUM_CAPTIONS.value,
         samples_per_caption=_SAMPLES.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
         top_p=_TOP_P.value, guidance=_GUIDANCE.value, seed=_SEED.value,
@@ -78,7 +79,7 @@ def main(argv):
   with open(_OUT.value, "w", encoding="utf-8") as out:
     json.dump(results, out, indent=2)
     out.write("\n")
-  print(zero_shot_eval.report(results))
+  print(zero_shot.report(results))
   print(f"wrote {_OUT.value}" + (f" and {_GRID.value}" if _GRID.value else ""))
 
 

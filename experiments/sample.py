@@ -11,7 +11,7 @@
 samples, H, W]) and samples.json (settings, prompts, files, scores). Sample g (counted over all
 prompts' candidates) draws from `fold_in(key(seed), g)`, so a seed gives the same images whatever
 --batch_size. With --rerank=N each prompt gets N candidates, scored by the --reranker run
-(dalle_jax/rerank.py), and the --keep best are written, best first. The drawing is
+(dalle_jax/rerank/model.py), and the --keep best are written, best first. The drawing is
 `dalle_jax/generate.py`'s `Generator`; this script reads flags and writes files.
 """
 
@@ -24,9 +24,10 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dalle_jax import fit_check, generate, image_grid, sharding
-from dalle_jax.checkpointing import read_run_config
-from dalle_jax.transformer import TransformerConfig
+from dalle_jax import generate, image_grid, sharding
+from dalle_jax.scaling import fit_check
+from dalle_jax.train.checkpointing import read_run_config
+from dalle_jax.transformer.model import TransformerConfig
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A train_transformer.py workdir.",
                                   required=True)

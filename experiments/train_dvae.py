@@ -18,10 +18,11 @@ import jax
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import (dvae, dvae_eval, dvae_training, finetune, image_grid, launch, preemption,
-                       sharding, tensorboard, train_state)
+from dalle_jax import image_grid, sharding
+from dalle_jax.dvae import model as dvae, evaluation as dvae_eval, training as dvae_training
+from dalle_jax.train import finetune, launch, preemption, tensorboard_writer, train_state
 from dalle_jax import data as data_lib
-from dalle_jax import fit_check
+from dalle_jax.scaling import fit_check
 from dalle_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -82,7 +83,7 @@ def main(argv):
   elif config.init_from:
     state = finetune.init_from(state, config.init_from)
   start = int(state.step)
-  events = tensorboard.EventLog(os.path.join(workdir, "tensorboard"),
+  events = tensorboard_writer.EventLog(os.path.join(workdir, "tensorboard"),
                                 resume_step=None if extras is None else start,
                                 enabled=jax.process_index() == 0)
   if train.decoder_finetune_fraction:

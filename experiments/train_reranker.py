@@ -9,7 +9,7 @@ SIGINT saves one at the step reached and exits with status 75. The workdir
 holds checkpoints/, metrics.jsonl (eval/top1: caption -> image retrieval within a held-out batch),
 tokenizer/ (a copy of the tokenizer, so the run is self-contained), TensorBoard events
 (tensorboard/: scalars and a retrieval figure per evaluation) and config.json;
-`dalle_jax.rerank.load_trained(workdir)` reads it back. --config.init_from=<workdir> starts from
+`dalle_jax.rerank.training.load_trained(workdir)` reads it back. --config.init_from=<workdir> starts from
 another run's parameters (fine-tuning).
 """
 
@@ -23,10 +23,12 @@ import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import finetune, image_grid, launch, preemption, rerank, sharding, tensorboard
-from dalle_jax import train_state
+from dalle_jax import image_grid, sharding
+from dalle_jax.train import finetune, launch, preemption, tensorboard_writer
+from dalle_jax.rerank import model as rerank, training as rerank_training
+from dalle_jax.train import train_state
 from dalle_jax import data as data_lib
-from dalle_jax import fit_check
+from dalle_jax.scaling import fit_check
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import pipeline
 
@@ -57,7 +59,7 @@ def main(argv):
   config = _CONFIG.value
   # -------------------------------------------------------------- config, refused before compiling
   model = rerank.RerankerConfig(**config.model)
-  train = rerank.RerankerTrainConfig(**config.train)
+  train = rerank_training.RerankerTrainConfig(**config.train)
   fit_check.at_launch(_FIT_CHECK, lambda target: fit_check.reranker_train(
       model, train, dict(config.mesh), target))
   if not config.data.tokenizer_dir:
@@ -68,7 +70,7 @@ def main(argv):
   workdir = _WORKDIR.value
   launch.prepare_workdir(workdir, config.to_dict())
   if jax.process_index() == 0:
-    tokenizer.save(os.path.join(workdir, rerank.TOKENIZER_DIR))
+    tokenizer.save(os.path.join(workdir, rerank_training.TOKENIZER_DIR))
 
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(**config.mesh)
@@ -98,19 +100,19 @@ def main(argv):
     eval_batches = [b for b, _ in zip(eval_loader, range(config.data.eval_batches))]
 
   # ---------------------------------------------------------------- model, optimiser, sharding
-  shardings = rerank.state_shardings(model, train, mesh)
+  shardings = rerank_training.state_shardings(model, train, mesh)
   state, extras, checkpointer, log = launch.open_run(
-      workdir, config, lambda rng: rerank.init_state(model, train, rng),
-      lambda: rerank.create_sharded_state(model, train, mesh, shardings), shardings)
+      workdir, config, lambda rng: rerank_training.init_state(model, train, rng),
+      lambda: rerank_training.create_sharded_state(model, train, mesh, shardings), shardings)
   if extras is not None:
     loader.set_state(extras["loader"])
   elif config.init_from:
     state = finetune.init_from(state, config.init_from)
   start = int(state.step)
-  events = tensorboard.EventLog(os.path.join(workdir, "tensorboard"),
+  events = tensorboard_writer.EventLog(os.path.join(workdir, "tensorboard"),
                                 resume_step=None if extras is None else start,
                                 enabled=jax.process_index() == 0)
-  train_step = rerank.make_train_step(model, train, mesh, shardings)
+  train_step = rerank_training.make_train_step(model, train, mesh, shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   to_global = lambda b: sharding.host_batch_to_global(
       {"image": b["image"], "tokens": b["tokens"]}, batch_sharding)

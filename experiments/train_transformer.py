@@ -22,13 +22,14 @@ import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import (finetune, generate, image_grid, launch, preemption, sharding, tensorboard,
-                       train_state, transformer_training)
-from dalle_jax import fit_check
+from dalle_jax import generate, image_grid, sharding
+from dalle_jax.train import finetune, launch, preemption, tensorboard_writer, train_state
+from dalle_jax.transformer import training as transformer_training
+from dalle_jax.scaling import fit_check
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import code_batches, code_shards
-from dalle_jax.transformer import TransformerConfig
-from dalle_jax.transformer_training import TransformerTrainConfig
+from dalle_jax.transformer.model import TransformerConfig
+from dalle_jax.transformer.training import TransformerTrainConfig
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "transformer_small.py"),
@@ -136,7 +137,7 @@ def main(argv):
   start = int(state.step)
   train_step = transformer_training.make_train_step(model, train, mesh, shardings)
   eval_step = transformer_training.make_eval_step(model, mesh, shardings.params)
-  events = tensorboard.EventLog(os.path.join(workdir, "tensorboard"),
+  events = tensorboard_writer.EventLog(os.path.join(workdir, "tensorboard"),
                                 resume_step=None if extras is None else start,
                                 enabled=jax.process_index() == 0)
   to_global = lambda batch: sharding.host_batch_to_global(batch, sharding.batch_sharding(mesh))

@@ -2,7 +2,8 @@
 
 import ml_collections
 
-from dalle_jax import dvae_training, launch
+from dalle_jax.dvae import training as dvae_training
+from dalle_jax.train import launch
 
 
 def get_config():

@@ -6,7 +6,8 @@ eval/top1 is caption -> image retrieval within held-out batches of 64 (chance 1/
 
 import ml_collections
 
-from dalle_jax import launch, rerank
+from dalle_jax.train import launch
+from dalle_jax.rerank import training as rerank_training
 
 
 def get_config():
@@ -17,7 +18,7 @@ def get_config():
                       text_vocab_size=400, text_len=24, text_width=96, text_depth=2, text_heads=4,
                       embed_dim=96)
   config.train = launch.config_section(
-      rerank.RerankerTrainConfig, batch_size=64, num_steps=2_000, learning_rate=2e-3,
+      rerank_training.RerankerTrainConfig, batch_size=64, num_steps=2_000, learning_rate=2e-3,
       warmup_steps=100, final_learning_rate=1e-5, ema_decay=0.98)
   config.data = dict(dataset="shapes", path="", split="train", crop="center",
                      num_examples=200_000, num_workers=0, tokenizer_dir="", bpe_dropout=True,

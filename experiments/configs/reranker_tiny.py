@@ -5,7 +5,8 @@ The tokenizer (--config.data.tokenizer_dir) must have 400 pieces and text_len 16
 
 import ml_collections
 
-from dalle_jax import launch, rerank
+from dalle_jax.train import launch
+from dalle_jax.rerank import training as rerank_training
 
 
 def get_config():
@@ -14,7 +15,7 @@ def get_config():
                       text_vocab_size=400, text_len=16, text_width=32, text_depth=2, text_heads=2,
                       embed_dim=32)
   config.train = launch.config_section(
-      rerank.RerankerTrainConfig, batch_size=16, num_steps=8, learning_rate=2e-3, warmup_steps=2,
+      rerank_training.RerankerTrainConfig, batch_size=16, num_steps=8, learning_rate=2e-3, warmup_steps=2,
       final_learning_rate=1e-4, ema_decay=0.9)
   # tokenizer_dir: train_tokenizer.py's output; bpe_dropout: the tokenizer's, on training captions.
   config.data = dict(dataset="shapes", path="", split="train", crop="center", num_examples=256,

@@ -2,7 +2,8 @@
 
 import ml_collections
 
-from dalle_jax import launch, transformer_training
+from dalle_jax.train import launch
+from dalle_jax.transformer import training as transformer_training
 
 
 def get_config():

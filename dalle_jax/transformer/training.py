@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dalle_jax import checkpointing, sharding, train_state, transformer
-from dalle_jax.transformer import TransformerConfig
+from dalle_jax import sharding
+from dalle_jax.train import checkpointing, train_state
+from dalle_jax.transformer import model as transformer
+from dalle_jax.transformer.model import TransformerConfig
 
 TrainState = train_state.TrainState
 Batch = dict[str, jax.Array]

@@ -18,7 +18,7 @@ import jax
 from ml_collections import config_dict
 import tqdm
 
-from dalle_jax import checkpointing, metrics_log, run_config, workdir_lock
+from dalle_jax.train import checkpointing, metrics_log, run_config, workdir_lock
 
 
 # glibc's malloc asks for transparent huge pages for its big blocks. XLA:CPU allocates a step's

@@ -2,11 +2,11 @@
 
     out = attend(q, k, v, mask)      # q, k, v [batch, seq, heads, head_dim]; mask bool[seq, seq]
 
-`mask` is a NumPy array from `dalle_jax.masks`, known at trace time. The dense path computes every
+`mask` is a NumPy array from `dalle_jax.transformer.masks`, known at trace time. The dense path computes every
 score and masks it; "block_sparse" derives block lists from the same array and computes only the
 non-empty blocks: for a TPU target (the mesh's devices, even when this host has none) with Pallas
-splash attention (`dalle_jax.splash_attention`, run per device under `shard_map`), elsewhere in
-plain XLA (`dalle_jax.block_sparse`).
+splash attention (`dalle_jax.transformer.splash_attention`, run per device under `shard_map`), elsewhere in
+plain XLA (`dalle_jax.transformer.block_sparse`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 
 from jax.sharding import PartitionSpec as P
 
-from dalle_jax import block_sparse, sharding, splash_attention
+from dalle_jax import sharding
+from dalle_jax.transformer import block_sparse, splash_attention
 
 # "fused": jax.nn.dot_product_attention under the full mask, which runs cuDNN's fused kernel on
 # GPUs that support it (XLA elsewhere): the dense baseline on GPU.

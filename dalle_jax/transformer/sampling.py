@@ -24,8 +24,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dalle_jax import dvae, sharding, transformer
-from dalle_jax.transformer import TransformerConfig
+from dalle_jax import sharding
+from dalle_jax.dvae import model as dvae
+from dalle_jax.transformer import model as transformer
+from dalle_jax.transformer.model import TransformerConfig
 
 
 @flax.struct.dataclass

@@ -10,7 +10,8 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import dvae, dvae_objective, sharding
+from dalle_jax import sharding
+from dalle_jax.dvae import model as dvae, objective as dvae_objective
 
 
 def _reconstruct(config: dvae.DVAEConfig, params: dict, images: jax.Array

@@ -6,7 +6,7 @@
 
 The input is the `text_len` text ids (BPE pieces, then the per-position pad ids `vocab + i`)
 followed by the `H*W` image codes in raster order: `text_len + H*W` positions, the shape of the
-masks in `dalle_jax.masks`. Position i predicts token i+1, so text positions 0..T-2 predict text
+masks in `dalle_jax.transformer.masks`. Position i predicts token i+1, so text positions 0..T-2 predict text
 (over pieces and pads) and positions T-1..T+N-2 predict the image codes; the first text token is
 context only and the last position's output is not used.
 
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import attention, masks
+from dalle_jax.transformer import attention, masks
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCAN_GROUP = 4  # the paper's schedule repeats every 4 layers (row, column, row, row)

@@ -17,7 +17,7 @@ from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
-from dalle_jax import train_state
+from dalle_jax.train import train_state
 
 _RESTORED = ("params", "ema_params")
 

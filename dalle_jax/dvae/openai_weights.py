@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import dvae, safe_pickle
-from dalle_jax.safe_pickle import UnsafePickleError  # noqa: F401  (raised by the loaders)
+from dalle_jax.dvae import model as dvae, safe_pickle
+from dalle_jax.dvae.safe_pickle import UnsafePickleError  # noqa: F401  (raised by the loaders)
 
 PARTS = ("encoder", "decoder")
 # The top-level class each released file holds.
@@ -290,7 +290,7 @@ def load_openai_state_dict(path: str | os.PathLike, part: str | None = None
 
 def load_openai_dvae(encoder_path: str | os.PathLike, decoder_path: str | os.PathLike,
                      resolution: int = 256) -> tuple[dvae.DVAEConfig, dict]:
-  """OpenAI's released `encoder.pkl` and `decoder.pkl` -> (config, params) for `dalle_jax.dvae`.
+  """OpenAI's released `encoder.pkl` and `decoder.pkl` -> (config, params) for `dalle_jax.dvae.model`.
 
   Args:
     encoder_path, decoder_path: the released files (https://cdn.openai.com/dall-e/encoder.pkl).

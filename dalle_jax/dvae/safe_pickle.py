@@ -118,7 +118,7 @@ def _restricted_load(file: Any, **kwargs: Any) -> Any:
 # The `pickle_module` handed to torch.load: torch subclasses our Unpickler for the main pickle
 # (adding storage handling) and calls our `load` for the legacy format's header pickles.
 restricted_pickle = types.ModuleType(
-    "dalle_jax.safe_pickle.restricted_pickle", "pickle restricted to OpenAI's dVAE globals")
+    "dalle_jax.dvae.safe_pickle.restricted_pickle", "pickle restricted to OpenAI's dVAE globals")
 restricted_pickle.Unpickler = RestrictedUnpickler
 restricted_pickle.load = _restricted_load
 

@@ -6,7 +6,7 @@
     print(zero_shot_eval.report(results))
 
 Draws `samples_per_caption` images for `num_captions` held-out captions and as many training
-captions, and judges them with `dalle_jax/zero_shot.py`:
+captions, and judges them with `dalle_jax/evaluation/judge.py`:
 
   shapes  the fraction of images whose objects have every captioned attribute (count, colour,
           shape, size, and position or relation), per attribute, beside the chance level (random
@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import dvae, generate, image_grid, zero_shot
+from dalle_jax import generate, image_grid
+from dalle_jax.dvae import model as dvae
+from dalle_jax.evaluation import judge
 from dalle_jax.data import emoji, shapes
 
 DATASETS = ("shapes", "emoji")
@@ -94,17 +96,17 @@ def _failed(verdict: dict[str, bool]) -> str:
 
 def judge_shapes_samples(scenes: Sequence[shapes.Scene], images: np.ndarray
                          ) -> tuple[dict, list[str]]:
-  """Every sample judged: `zero_shot.summarize` with the verdicts per caption, and a label per
+  """Every sample judged: `judge.summarize` with the verdicts per caption, and a label per
   image."""
   per_caption, labels, verdicts = [], [], []
   for scene, samples in zip(scenes, images):
-    judged = [zero_shot.judge_shapes(image, scene) for image in samples]
+    judged = [judge.judge_shapes(image, scene) for image in samples]
     verdicts += judged
     labels += [_failed(v) for v in judged]
     per_caption.append({"caption": shapes.canonical_caption(scene),
                         "accuracy": float(np.mean([v["all"] for v in judged])),
                         "verdicts": judged})
-  summary = zero_shot.summarize(verdicts)
+  summary = judge.summarize(verdicts)
   summary["captions"] = per_caption
   return summary, labels
 
@@ -119,14 +121,14 @@ def judge_shapes_split(scenes: Sequence[shapes.Scene], images: np.ndarray, seed:
   """
   resolution = images.shape[2]
   summary, labels = judge_shapes_samples(scenes, images)
-  summary["chance"] = zero_shot.shapes_chance(scenes, resolution, chance_draws, seed)
-  summary["chance"]["method"] = zero_shot.CHANCE_METHOD
+  summary["chance"] = judge.shapes_chance(scenes, resolution, chance_draws, seed)
+  summary["chance"]["method"] = judge.CHANCE_METHOD
   rng = np.random.default_rng(seed)
   truths = np.stack([shapes.render_scene(s, resolution, rng) for s in scenes])
   for name, pictures in (("judge_on_ground_truth", truths),
                          ("judge_on_dvae_reconstructions", reconstruct(truths))):
-    summary[name] = zero_shot.summarize(
-        [zero_shot.judge_shapes(p, s) for p, s in zip(pictures, scenes)])
+    summary[name] = judge.summarize(
+        [judge.judge_shapes(p, s) for p, s in zip(pictures, scenes)])
   return summary, labels
 
 
@@ -148,14 +150,14 @@ def judge_emoji_samples(chosen: Sequence[emoji.EmojiEntry], images: np.ndarray,
   for entry, samples in zip(chosen, images):
     members = families[entry.family]
     variants, own = renders[entry.family], members.index(entry)
-    nearest = [zero_shot.nearest_variant(image, variants) for image in samples]
+    nearest = [judge.nearest_variant(image, variants) for image in samples]
     right += [n == own for n in nearest]
     chance += [1 / len(members)] * len(samples)
     labels += ["ok" if n == own else f"x: {members[n].variant or 'default'}" for n in nearest]
-    tones = zero_shot.tone_siblings(entry, members)
+    tones = judge.tone_siblings(entry, members)
     if tones:
       tone_variants = variants[[members.index(t) for t in tones]]
-      tone_right += [zero_shot.nearest_variant(image, tone_variants) == tones.index(entry)
+      tone_right += [judge.nearest_variant(image, tone_variants) == tones.index(entry)
                      for image in samples]
       tone_chance += [1 / len(tones)] * len(samples)
     per_caption.append({"caption": entry.name, "family_size": len(members),
@@ -178,7 +180,7 @@ def judge_emoji_split(chosen: Sequence[emoji.EmojiEntry], images: np.ndarray,
   summary, labels = judge_emoji_samples(chosen, images, families, renders)
   own = [renders[e.family][families[e.family].index(e)] for e in chosen]
   summary["dvae_reconstruction_accuracy"] = _mean(
-      [zero_shot.nearest_variant(r, renders[e.family]) == families[e.family].index(e)
+      [judge.nearest_variant(r, renders[e.family]) == families[e.family].index(e)
        for e, r in zip(chosen, reconstruct(np.stack(own)))])
   return summary, labels
 

@@ -5,7 +5,7 @@
     state, metrics = step(state, images)          # images uint8[batch, H, W, 3], split over the batch
 
 The Gumbel noise of step t comes from `fold_in(state.rng, t)`; non-finite steps are skipped and
-counted (see `dalle_jax.train_state`).
+counted (see `dalle_jax.train.train_state`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any
 import jax
 import optax
 
-from dalle_jax import checkpointing, dvae, dvae_objective, schedules, sharding, train_state
+from dalle_jax import sharding
+from dalle_jax.train import checkpointing, schedules, train_state
+from dalle_jax.dvae import model as dvae, objective as dvae_objective
 
 
 @dataclasses.dataclass(frozen=True)

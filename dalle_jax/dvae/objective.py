@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import dvae
+from dalle_jax.dvae import model as dvae
 
 
 def logit_laplace_nll(x: jax.Array, stats: jax.Array,

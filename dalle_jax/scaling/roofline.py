@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dalle_jax.transformer import TransformerConfig
+from dalle_jax.transformer.model import TransformerConfig
 
 # Parameters that a decode step does not read whole: the caption's tables and head (used by the
 # prefill only) and the image embedding (one row per sample).

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import block_plan
+from dalle_jax.transformer import block_plan
 
 # ---------------------------------------------------------------------------------------------
 # The computation.

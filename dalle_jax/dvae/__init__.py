@@ -1,0 +1,1 @@
+"""Stage 1: the discrete VAE (model, objective, training, evaluation, OpenAI's weights)."""

@@ -1,0 +1,1 @@
+"""Zero-shot evaluation: the attribute judge and the held-out-caption evaluation."""

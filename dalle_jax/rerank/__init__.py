@@ -1,0 +1,1 @@
+"""The contrastive reranker that picks the best samples (model, training)."""

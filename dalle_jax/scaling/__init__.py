@@ -1,0 +1,1 @@
+"""Will it fit and how fast: TPU fit checks and rooflines."""

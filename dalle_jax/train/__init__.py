@@ -1,0 +1,1 @@
+"""What every trainer shares: train state, checkpoints, schedules, launch, preemption, run config, logs."""

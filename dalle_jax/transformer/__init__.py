@@ -1,0 +1,1 @@
+"""Stage 2: the sparse-attention transformer (masks, attention paths, model, training, sampling)."""
