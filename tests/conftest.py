@@ -7,6 +7,8 @@ import tempfile
 
 import jax
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+
 # Before any JAX computation: sharded tests need several devices; single-device tests use the first.
 jax.config.update("jax_num_cpu_devices", 8)
 # Subprocess tests (kill and resume) compile the same programs again: share the work through a cache.
@@ -116,8 +118,7 @@ def train_tiny_stages(root: str, *, dvae16: bool = False) -> dict[str, str]:
   import subprocess
   import sys
 
-  experiments = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "experiments")
+  experiments = os.path.join(REPO, "experiments")
   configs = os.path.join(experiments, "configs")
   env = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu"}
   tokenizer_dir, codes_dir = make_stage2_data(root)

@@ -1,11 +1,11 @@
-"""dalle_jax/dvae.py: the official architecture's shapes and counts, and its pure functions."""
+"""dalle_jax/dvae/model.py: the official architecture's shapes and counts, and its pure functions."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dalle_jax import dvae
+from dalle_jax.dvae import model as dvae
 
 TINY = dvae.DVAEConfig(resolution=16, group_count=3, n_hid=16, n_blk_per_group=1, n_init=8,
                        vocab_size=32)

@@ -1,10 +1,10 @@
-"""dalle_jax/dvae_objective.py: the logit-Laplace likelihood, the relaxation and the KL term."""
+"""dalle_jax/dvae/objective.py: the logit-Laplace likelihood, the relaxation and the KL term."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import dvae, dvae_objective
+from dalle_jax.dvae import model as dvae, objective as dvae_objective
 
 
 def test_logit_laplace_nll_is_the_closed_form_density():

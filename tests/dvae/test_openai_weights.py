@@ -1,4 +1,4 @@
-"""dalle_jax/convert.py: OpenAI's dVAE weights give our dVAE the official outputs, read safely.
+"""dalle_jax/dvae/openai_weights.py: OpenAI's dVAE weights give our dVAE the official outputs, read safely.
 
 The reference is OpenAI's own `dall_e` package (PyPI `DALL-E==0.1`, installed `--no-deps` by
 `make setup`) on PyTorch, with random weights: a small config for numbers, the full one for shapes.
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from dalle_jax import convert, dvae, safe_pickle
+from dalle_jax.dvae import model as dvae, openai_weights, safe_pickle
 
 # The official validators' minimums (n_hid >= 64, vocab >= 512); 32x32 pixels -> 4x4 codes.
 SMALL = dvae.DVAEConfig(resolution=32, group_count=4, n_hid=64, n_blk_per_group=1, n_init=32,
@@ -59,9 +59,9 @@ def official():
 @pytest.fixture(scope="module")
 def converted(official):
   encoder, decoder = official
-  config = convert.dvae_config_from_state_dict(encoder.state_dict(), decoder.state_dict(), 32)
-  params = {"encoder": convert.openai_dvae_to_flax(encoder.state_dict(), "encoder"),
-            "decoder": convert.openai_dvae_to_flax(decoder.state_dict(), "decoder")}
+  config = openai_weights.dvae_config_from_state_dict(encoder.state_dict(), decoder.state_dict(), 32)
+  params = {"encoder": openai_weights.openai_dvae_to_flax(encoder.state_dict(), "encoder"),
+            "decoder": openai_weights.openai_dvae_to_flax(decoder.state_dict(), "decoder")}
   return config, params
 
 
@@ -105,8 +105,8 @@ def test_decoder_gives_the_official_statistics(official, converted, images):
 
 def test_export_is_the_exact_inverse(official, converted):
   _, params = converted
-  for module, part in zip(official, convert.PARTS):
-    exported = convert.flax_to_openai_state_dict(params, part)
+  for module, part in zip(official, openai_weights.PARTS):
+    exported = openai_weights.flax_to_openai_state_dict(params, part)
     reference = module.state_dict()
     assert list(exported) == list(reference)  # same keys, in state_dict() order
     for key, value in reference.items():
@@ -114,7 +114,7 @@ def test_export_is_the_exact_inverse(official, converted):
     fresh = copy.deepcopy(module)
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
   # One part's tree works too.
-  part_only = convert.flax_to_openai_state_dict(params["decoder"], "decoder")
+  part_only = openai_weights.flax_to_openai_state_dict(params["decoder"], "decoder")
   assert part_only.keys() == official[1].state_dict().keys()
 
 
@@ -124,33 +124,33 @@ def test_released_configuration_converts_structurally():
   encoder_sd = dall_e.Encoder(device=meta).state_dict()
   decoder_sd = dall_e.Decoder(device=meta).state_dict()
   assert (len(encoder_sd), len(decoder_sd)) == (74, 76)
-  config = convert.dvae_config_from_state_dict(encoder_sd, decoder_sd)
+  config = openai_weights.dvae_config_from_state_dict(encoder_sd, decoder_sd)
   assert config == dvae.DVAEConfig()
   shapes = jax.eval_shape(lambda key: dvae.init(config, key), jax.random.key(0))
   for part, sd, count in (("encoder", encoder_sd, 53_786_240), ("decoder", decoder_sd, 43_829_766)):
     assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes[part])) == count
     # Zero-stride stand-ins for the tensors: the real conversion code, no 200 MB of zeros.
     fake = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in sd.items()}
-    tree = convert.openai_dvae_to_flax(fake, part)
+    tree = openai_weights.openai_dvae_to_flax(fake, part)
     assert jax.tree.map(np.shape, tree) == jax.tree.map(lambda s: s.shape, shapes[part])
 
 
 def test_bad_keys_and_shapes_are_listed(official):
   sd = dict(official[0].state_dict())
   with pytest.raises(ValueError, match=r"unknown keys .*blocks\.extra\.w.*blocks\.group_1\.bn\.w"):
-    convert.openai_dvae_to_flax({**sd, "blocks.extra.w": sd["blocks.input.w"],
+    openai_weights.openai_dvae_to_flax({**sd, "blocks.extra.w": sd["blocks.input.w"],
                                  "blocks.group_1.bn.w": sd["blocks.input.b"]}, "encoder")
   missing = {k: v for k, v in sd.items() if "group_3.block_1.res_path.conv_2" not in k}
   with pytest.raises(ValueError, match=r"missing keys \['blocks\.group_3\.block_1\.res_path"
                                        r"\.conv_2\.b', 'blocks\.group_3\.block_1\.res_path"):
-    convert.openai_dvae_to_flax(missing, "encoder")
+    openai_weights.openai_dvae_to_flax(missing, "encoder")
   wrong = {**sd, "blocks.group_1.block_1.res_path.conv_1.b": torch.zeros(3)}
   with pytest.raises(ValueError, match=r"wrong shapes .*res_path\.conv_1\.b: \(3,\)"):
-    convert.openai_dvae_to_flax(wrong, "encoder")
+    openai_weights.openai_dvae_to_flax(wrong, "encoder")
   with pytest.raises(ValueError, match="not an OpenAI dVAE decoder"):
-    convert.openai_dvae_to_flax(sd, "decoder")
+    openai_weights.openai_dvae_to_flax(sd, "decoder")
   with pytest.raises(ValueError, match="part must be"):
-    convert.openai_dvae_to_flax(sd, "both")
+    openai_weights.openai_dvae_to_flax(sd, "both")
 
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
@@ -162,17 +162,17 @@ def test_released_pickles_load_without_dall_e(official, converted, tmp_path, mon
     torch.save(module, path, _use_new_zipfile_serialization=zip_format)
   for name in ("dall_e", "dall_e.encoder", "dall_e.decoder", "dall_e.utils"):
     monkeypatch.setitem(sys.modules, name, None)
-  config, params = convert.load_openai_dvae(*paths, resolution=32)
+  config, params = openai_weights.load_openai_dvae(*paths, resolution=32)
   assert config == converted[0]
   jax.tree.map(np.testing.assert_array_equal, params, converted[1])
   with pytest.raises(ValueError, match="swapped"):
-    convert.load_openai_dvae(paths[1], paths[0])
+    openai_weights.load_openai_dvae(paths[1], paths[0])
 
 
 def test_state_dict_files_load_too(official, tmp_path):
   path = tmp_path / "encoder_state.pt"
   torch.save(official[0].state_dict(), path)
-  loaded = convert.load_openai_state_dict(path)
+  loaded = openai_weights.load_openai_state_dict(path)
   assert list(loaded) == list(official[0].state_dict())
   np.testing.assert_array_equal(loaded["blocks.input.w"], official[0].blocks.input.w.detach())
 
@@ -227,7 +227,7 @@ def test_pickles_with_other_callables_are_refused(kind, official, tmp_path):
   _write_payload(kind, path, f"touch {shlex.quote(str(marker))}", official)
   with pytest.raises(safe_pickle.UnsafePickleError, match=r"refused to unpickle posix\.system: only "
                                                       r"OpenAI's dVAE pickles"):
-    convert.load_openai_dvae(path, path)
+    openai_weights.load_openai_dvae(path, path)
   assert not marker.exists()
 
 

@@ -1,4 +1,4 @@
-"""dalle_jax/dvae_training.py: sharded steps equal one device, non-finite steps, a falling loss."""
+"""dalle_jax/dvae/training.py: sharded steps equal one device, non-finite steps, a falling loss."""
 
 import dataclasses
 
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dalle_jax import dvae, dvae_training, sharding
+from dalle_jax import sharding
+from dalle_jax.dvae import model as dvae, training as dvae_training
 from dalle_jax.data import make_source, pipeline
 
 MODEL = dvae.DVAEConfig(resolution=16, group_count=3, n_hid=16, n_blk_per_group=1, n_init=8,

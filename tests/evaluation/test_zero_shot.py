@@ -1,4 +1,4 @@
-"""Tests for `dalle_jax/zero_shot.py` (the judges), `dalle_jax/zero_shot_eval.py` and
+"""Tests for `dalle_jax/evaluation/judge.py` (the judges), `dalle_jax/evaluation/judge.py` and
 `experiments/eval_zero_shot.py` (end to end on a 2-step transformer and dVAE): ground truth
 passes, one changed attribute fails on exactly that attribute, blur and noise pass, blank images fail, emoji variants retrieve themselves."""
 
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from conftest import CACHE_ENV
-from dalle_jax import generate, zero_shot, zero_shot_eval
+from conftest import CACHE_ENV, REPO
+from dalle_jax import generate
+from dalle_jax.evaluation import judge, zero_shot
 from dalle_jax.data import emoji, shapes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = os.path.join(ROOT, "experiments")
+EXPERIMENTS = os.path.join(REPO, "experiments")
 CONFIGS = os.path.join(EXPERIMENTS, "configs")
 ENV = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu"}
 HAVE_EMOJI = all(map(os.path.isfile, (emoji.DEFAULT_TEST_PATH, emoji.DEFAULT_FONT_PATH)))
@@ -32,7 +32,7 @@ def _scenes(count: int, seed: int) -> list[shapes.Scene]:
 
 def _judged(scenes, render, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
-  return zero_shot.summarize([zero_shot.judge_shapes(render(s, rng), s) for s in scenes])
+  return judge.summarize([judge.judge_shapes(render(s, rng), s) for s in scenes])
 
 
 def _gaussian(radius: float):
@@ -53,7 +53,7 @@ def _down_up(image: np.ndarray) -> np.ndarray:
 
 def test_detects_the_renderers_objects_where_it_put_them():
   scene = shapes.parse_caption("a large blue diamond to the left of a small yellow star")
-  blobs = zero_shot.detect_objects(shapes.render_scene(scene, 32))
+  blobs = judge.detect_objects(shapes.render_scene(scene, 32))
   assert [(b.colour, b.shape, b.size) for b in blobs] == [
       ("blue", "diamond", "large"), ("yellow", "star", "small")]
   for blob, box in zip(blobs, shapes.layout(scene)):
@@ -61,7 +61,7 @@ def test_detects_the_renderers_objects_where_it_put_them():
     assert abs(blob.x - box.x) < 1 / 96 and abs(blob.y - box.y) < 1 / 96
     assert blob.extent == pytest.approx(2 * box.half, rel=0.1)
     assert blob.fit > 0.8
-  assert zero_shot.relation_of(*blobs) == "left of"
+  assert judge.relation_of(*blobs) == "left of"
 
 
 def test_ground_truth_renders_are_judged_right():
@@ -87,7 +87,7 @@ def _other(rng, values, value):
 
 def _changed(scene: shapes.Scene, attribute: str, rng) -> shapes.Scene:
   """The scene with one attribute of one object (or its position or relation) changed."""
-  if attribute in zero_shot.OBJECT_ATTRIBUTES:
+  if attribute in judge.OBJECT_ATTRIBUTES:
     objects = list(scene.objects)
     k = rng.integers(len(objects))
     values = {"colour": shapes.COLOURS, "shape": shapes.SHAPES, "size": shapes.SIZES}[attribute]
@@ -106,11 +106,11 @@ def test_a_changed_attribute_is_judged_wrong_and_only_it():
   wrong, others = {}, []
   for scene in _scenes(40, seed=1):
     kind = "position" if scene.position else "relation"
-    for attribute in (*zero_shot.OBJECT_ATTRIBUTES, kind):
+    for attribute in (*judge.OBJECT_ATTRIBUTES, kind):
       if kind == "relation" and scene.objects[0] == scene.objects[1]:
         continue  # two equal objects: "A left of B" drawn as "A right of B" is still right
       image = shapes.render_scene(_changed(scene, attribute, rng), 32, rng)
-      verdict = zero_shot.judge_shapes(image, scene)
+      verdict = judge.judge_shapes(image, scene)
       wrong.setdefault(attribute, []).append(not verdict[attribute] and not verdict["all"])
       others += [ok for a, ok in verdict.items() if a not in (attribute, "all")]
   assert all(all(v) for v in wrong.values()), {a: sum(v) for a, v in wrong.items()}
@@ -120,18 +120,18 @@ def test_a_changed_attribute_is_judged_wrong_and_only_it():
 
 def test_named_changes():
   caption = "a small red circle in the top left corner"
-  assert zero_shot.judge_shapes(shapes.render_caption(caption, 32), caption)["all"]
+  assert judge.judge_shapes(shapes.render_caption(caption, 32), caption)["all"]
   for changed, attribute in (("a small blue circle in the top left corner", "colour"),
                              ("a small red square in the top left corner", "shape"),
                              ("a large red circle in the top left corner", "size"),
                              ("a small red circle in the center", "position"),
                              ("a small red circle to the left of a small red circle", "count")):
-    verdict = zero_shot.judge_shapes(shapes.render_caption(changed, 32), caption)
+    verdict = judge.judge_shapes(shapes.render_caption(changed, 32), caption)
     assert not verdict[attribute] and not verdict["all"], (changed, verdict)
   pair = "a small red circle to the left of a large blue square"
   swapped = "a small red circle to the right of a large blue square"
-  assert not zero_shot.judge_shapes(shapes.render_caption(swapped, 32), pair)["relation"]
-  assert zero_shot.judge_shapes(shapes.render_caption(pair, 32), pair)["all"]
+  assert not judge.judge_shapes(shapes.render_caption(swapped, 32), pair)["relation"]
+  assert judge.judge_shapes(shapes.render_caption(pair, 32), pair)["all"]
 
 
 def test_blurred_and_noisy_renders_still_pass():
@@ -160,22 +160,22 @@ def test_blank_and_wrong_images_fail():
   white, black = np.full((32, 32, 3), 255, np.uint8), np.zeros((32, 32, 3), np.uint8)
   for caption in captions:
     for image in (blank, white):  # nothing drawn: no attribute is there
-      verdict = zero_shot.judge_shapes(image, caption)
+      verdict = judge.judge_shapes(image, caption)
       assert not any(verdict.values()), (caption, verdict)
     # All black is one huge object of no palette colour.
-    verdict = zero_shot.judge_shapes(black, caption)
+    verdict = judge.judge_shapes(black, caption)
     assert not verdict["colour"] and not verdict["all"]
-  assert zero_shot.detect_objects(blank) == zero_shot.detect_objects(white) == []
+  assert judge.detect_objects(blank) == judge.detect_objects(white) == []
   # A black square is an object of no palette colour: counted, but never the right colour.
   black = blank.copy()
   black[8:20, 8:20] = 0
-  (blob,) = zero_shot.detect_objects(black)
+  (blob,) = judge.detect_objects(black)
   assert blob.colour is None and blob.shape == "square"
 
 
 def test_chance_is_low_and_the_summary_counts():
   scenes = _scenes(20, seed=4)
-  chance = zero_shot.shapes_chance(scenes, 32, draws=4, seed=0)
+  chance = judge.shapes_chance(scenes, 32, draws=4, seed=0)
   assert chance["count"] == 80
   # Measured: 0.000 with every attribute right; count 0.50 (half the draws have one object),
   # colour 0.075.
@@ -186,7 +186,7 @@ def test_chance_is_low_and_the_summary_counts():
                "all": False},
               {"count": True, "colour": True, "shape": True, "size": True, "relation": True,
                "all": True}]
-  summary = zero_shot.summarize(verdicts)
+  summary = judge.summarize(verdicts)
   assert summary["accuracy"] == 0.5 and summary["count"] == 2
   assert summary["attributes"]["shape"] == 0.5 and summary["attributes"]["position"] == 1.0
   assert summary["attribute_counts"] == {"count": 2, "colour": 2, "shape": 2, "size": 2,
@@ -217,13 +217,13 @@ def test_synthetic_variants_retrieve_themselves_through_noise_and_blur():
   variants = np.stack([_face(t, h) for h in (False, True) for t in TONES])
   rng = np.random.default_rng(0)
   for k, image in enumerate(variants):
-    assert zero_shot.nearest_variant(image, variants) == k
+    assert judge.nearest_variant(image, variants) == k
     noisy = np.clip(image + rng.normal(0, 25, image.shape), 0, 255).astype(np.uint8)
-    assert zero_shot.nearest_variant(noisy, variants) == k
-    assert zero_shot.nearest_variant(_down_up(image), variants) == k
-    assert zero_shot.variant_distances(image, variants)[k] == 0
+    assert judge.nearest_variant(noisy, variants) == k
+    assert judge.nearest_variant(_down_up(image), variants) == k
+    assert judge.variant_distances(image, variants)[k] == 0
   # Another face altogether is far from all of them.
-  assert zero_shot.variant_distances(_face((90, 200, 90), False), variants).min() > 100
+  assert judge.variant_distances(_face((90, 200, 90), False), variants).min() > 100
 
 
 @needs_emoji
@@ -232,11 +232,11 @@ def test_real_variants_retrieve_themselves_and_tone_siblings():
   by_name = {e.name: e for e in entries}
   families = emoji.group_by_family(entries)
   hand = by_name["waving hand: medium skin tone"]
-  tones = zero_shot.tone_siblings(hand, families[hand.family])
+  tones = judge.tone_siblings(hand, families[hand.family])
   assert [e.name for e in tones] == [f"waving hand: {t}" for t in emoji.SKIN_TONES]
-  assert zero_shot.tone_siblings(by_name["waving hand"], families["waving hand"]) == []
+  assert judge.tone_siblings(by_name["waving hand"], families["waving hand"]) == []
   coder = by_name["woman technologist: dark skin tone"]
-  assert {e.variant for e in zero_shot.tone_siblings(coder, families[coder.family])} == {
+  assert {e.variant for e in judge.tone_siblings(coder, families[coder.family])} == {
       f"woman, {t}" for t in emoji.SKIN_TONES}
   rng = np.random.default_rng(0)
   heldout = [e for e in entries if e.heldout]
@@ -245,8 +245,8 @@ def test_real_variants_retrieve_themselves_and_tone_siblings():
     variants = np.stack([emoji.render_emoji(m.sequence, 32) for m in members])
     k = members.index(entry)
     noisy = np.clip(variants[k] + rng.normal(0, 25, variants[k].shape), 0, 255).astype(np.uint8)
-    assert zero_shot.nearest_variant(variants[k], variants) == k
-    assert zero_shot.nearest_variant(noisy, variants) == k, entry.name
+    assert judge.nearest_variant(variants[k], variants) == k
+    assert judge.nearest_variant(noisy, variants) == k, entry.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ def test_script_writes_the_results(runs, tmp_path):
     assert r["without_reranking"]["count"] == 3 * 3  # every candidate
     assert r["judge_on_ground_truth"]["count"] == r["judge_on_dvae_reconstructions"]["count"] == 3
     assert r["judge_on_ground_truth"]["accuracy"] >= 2 / 3  # 16 px: small shapes are 3.5 px
-    assert set(r["attributes"]) == set(zero_shot.ATTRIBUTES)
+    assert set(r["attributes"]) == set(judge.ATTRIBUTES)
     assert r["attribute_counts"]["position"] == 2 and r["attribute_counts"]["relation"] == 4
     assert len(r["captions"]) == 3 and all(len(c["verdicts"]) == 2 for c in r["captions"])
     splits = {shapes.scene_split(shapes.parse_caption(c["caption"])) for c in r["captions"]}
@@ -311,14 +311,14 @@ def test_script_writes_the_results(runs, tmp_path):
 def test_evaluate_refuses_reranking_without_a_reranker(runs):
   gen = generate.Generator.load(runs["transformer"])
   with pytest.raises(generate.GenerationError, match="reranking 4 candidates needs .* a reranker"):
-    zero_shot_eval.evaluate(gen, num_captions=1, samples_per_caption=2, candidates=4)
+    zero_shot.evaluate(gen, num_captions=1, samples_per_caption=2, candidates=4)
   with pytest.raises(generate.GenerationError, match="num_captions 9000 needs 4500 heldout"):
-    zero_shot_eval.evaluate(gen, num_captions=9000)
+    zero_shot.evaluate(gen, num_captions=9000)
 
 
 @needs_emoji
 def test_evaluate_emoji_in_process(runs):
-  results = zero_shot_eval.evaluate(generate.Generator.load(runs["transformer"]), "emoji",
+  results = zero_shot.evaluate(generate.Generator.load(runs["transformer"]), "emoji",
                                     num_captions=2, samples_per_caption=2, batch_size=4, seed=1,
                                     progress=False)
   for split in ("heldout", "train"):

@@ -6,12 +6,11 @@ import os
 import subprocess
 import sys
 
-from conftest import CACHE_ENV, make_stage2_data
-from dalle_jax import masks
+from conftest import CACHE_ENV, REPO, make_stage2_data
+from dalle_jax.transformer import masks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "ablate_attention.py")
-CONFIG = os.path.join(ROOT, "experiments", "configs", "transformer_tiny.py")
+SCRIPT = os.path.join(REPO, "experiments", "ablate_attention.py")
+CONFIG = os.path.join(REPO, "experiments", "configs", "transformer_tiny.py")
 
 
 def test_each_variant_trains_with_its_masks_and_lands_in_the_table(tmp_path):

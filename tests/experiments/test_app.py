@@ -19,9 +19,9 @@ from PIL import Image
 import pytest
 from websockets.sync.client import connect
 
-from conftest import CACHE_ENV, encode_image, random_pixels
+from conftest import CACHE_ENV, REPO, encode_image, random_pixels
 
-APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+APP = os.path.join(REPO, "experiments",
                    "app.py")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update",

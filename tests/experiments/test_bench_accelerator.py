@@ -8,10 +8,9 @@ import os
 import subprocess
 import sys
 
-from conftest import CACHE_ENV
+from conftest import CACHE_ENV, REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "bench_accelerator.py")
+SCRIPT = os.path.join(REPO, "experiments", "bench_accelerator.py")
 ENV = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu"}
 
 

@@ -4,13 +4,13 @@ import json
 import os
 import subprocess
 import sys
+from conftest import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_smoke_run_measures_the_old_and_the_new_reader(tmp_path):
   result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "experiments", "bench_codes_reader.py"), "--smoke",
+      [sys.executable, os.path.join(REPO, "experiments", "bench_codes_reader.py"), "--smoke",
        f"--work_dir={tmp_path / 'data'}", f"--json_out={tmp_path / 'out.json'}"],
       capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

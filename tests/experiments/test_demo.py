@@ -10,12 +10,15 @@ from absl import app
 import numpy as np
 import pytest
 
-from dalle_jax import dvae, rerank, zero_shot, zero_shot_eval
+from dalle_jax.dvae import model as dvae
+from dalle_jax.rerank import model as rerank
+from dalle_jax.evaluation import judge, zero_shot
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import emoji, shapes
-from dalle_jax.transformer import TransformerConfig
+from dalle_jax.transformer.model import TransformerConfig
+from conftest import REPO
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+EXPERIMENTS = os.path.join(REPO,
                            "experiments")
 HAVE_EMOJI = all(map(os.path.isfile, (emoji.DEFAULT_TEST_PATH, emoji.DEFAULT_FONT_PATH)))
 needs_emoji = pytest.mark.skipif(not HAVE_EMOJI, reason=f"emoji data: {emoji.INSTALL_HINT}")
@@ -109,10 +112,10 @@ def test_emoji_tokenizer_reads_training_names_and_holds_every_name(tmp_path):
 def test_shapes_summary_reads_what_eval_zero_shot_writes():
   results = {}
   for split, unreranked in (("heldout", 0.25), ("train", 0.5)):
-    scenes = zero_shot_eval.shapes_scenes(split, 2, seed=0)
+    scenes = zero_shot.shapes_scenes(split, 2, seed=0)
     # True renders as the "samples", and a perfect dVAE.
     truths = np.stack([shapes.render_scene(s, 32) for s in scenes])[:, None]
-    results[split], _ = zero_shot_eval.judge_shapes_split(scenes, truths, 0, 1, lambda x: x)
+    results[split], _ = zero_shot.judge_shapes_split(scenes, truths, 0, 1, lambda x: x)
     results[split]["without_reranking"] = {"accuracy": unreranked}
   results.update(heldout_accuracy=results["heldout"]["accuracy"],
                  train_accuracy=results["train"]["accuracy"],
@@ -122,19 +125,19 @@ def test_shapes_summary_reads_what_eval_zero_shot_writes():
   assert summary["dvae_ceiling"] == 1.0 and summary["images_per_split"] == 2
   assert summary["heldout_accuracy_without_reranking"] == 0.25
   assert summary["train_accuracy_without_reranking"] == 0.5
-  assert set(summary["heldout_attributes"]) == set(zero_shot.ATTRIBUTES)
+  assert set(summary["heldout_attributes"]) == set(judge.ATTRIBUTES)
 
 
 @needs_emoji
 def test_emoji_summary_reads_what_eval_zero_shot_writes():
   entries = emoji.load_emoji_entries()
   families = emoji.group_by_family(entries)
-  chosen = zero_shot_eval.emoji_prompts(entries, 3, seed=0)
+  chosen = zero_shot.emoji_prompts(entries, 3, seed=0)
   results = {}
   for split, picked in chosen.items():
     # True renders as the "samples", and a perfect dVAE: every variant retrieves itself.
     truths = np.stack([emoji.render_emoji(e.sequence, 32) for e in picked])[:, None]
-    results[split], _ = zero_shot_eval.judge_emoji_split(picked, truths, families,
+    results[split], _ = zero_shot.judge_emoji_split(picked, truths, families,
                                                          lambda images: images)
   results.update(heldout_accuracy=results["heldout"]["accuracy"],
                  train_accuracy=results["train"]["accuracy"],

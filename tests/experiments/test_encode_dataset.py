@@ -9,14 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import CACHE_ENV
-from dalle_jax import checkpointing, dvae, dvae_training
+from conftest import CACHE_ENV, REPO
+from dalle_jax.train import checkpointing
+from dalle_jax.dvae import model as dvae, training as dvae_training
 from dalle_jax.data import code_shards
 from dalle_jax.data import make_source, pipeline
 from experiments.configs import dvae_tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "encode_dataset.py")
+SCRIPT = os.path.join(REPO, "experiments", "encode_dataset.py")
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,9 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import write_folder
+from conftest import REPO, write_folder
 from dalle_jax import data
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_preview_writes_a_grid_and_reports_skips_by_reason(tmp_path, bad_and_good_files):
@@ -18,7 +17,7 @@ def test_preview_writes_a_grid_and_reports_skips_by_reason(tmp_path, bad_and_goo
   write_folder(str(tmp_path / "images"), files)
   out = tmp_path / "grid.png"
   result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "experiments", "preview_data.py"), "--dataset=folder",
+      [sys.executable, os.path.join(REPO, "experiments", "preview_data.py"), "--dataset=folder",
        f"--path={tmp_path / 'images'}", "--resolution=16", "--num_images=3", f"--out={out}"],
       capture_output=True, text=True, check=True)
   assert "folder: 4 usable pairs, 6 skipped" in result.stdout

@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CACHE_ENV, train_tiny_stages
-from dalle_jax import dvae, dvae_training, image_grid, rerank
+from conftest import CACHE_ENV, REPO, train_tiny_stages
+from dalle_jax import image_grid
+from dalle_jax.dvae import model as dvae, training as dvae_training
+from dalle_jax.rerank import model as rerank, training as rerank_training
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import preprocess
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "sample.py")
-CONFIGS = os.path.join(ROOT, "experiments", "configs")
+SCRIPT = os.path.join(REPO, "experiments", "sample.py")
+CONFIGS = os.path.join(REPO, "experiments", "configs")
 LONG_PROMPT = "a small red circle above a large blue square " * 3
 PROMPTS = ("a red circle", LONG_PROMPT)
 HUGE_PROMPT = "two blue squares " * 199_999 + "two blue squares"  # 3.4 MB
@@ -27,7 +28,7 @@ ENV = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu"}
 
 
 def _start(script: str, *flags: str, env: dict | None = None) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, os.path.join(ROOT, "experiments", script), *flags],
+  return subprocess.Popen([sys.executable, os.path.join(REPO, "experiments", script), *flags],
                           env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
 
@@ -168,7 +169,7 @@ def test_reranking_keeps_the_best_scored_candidates_best_first(runs, sampled):
   root, _, results = sampled
   code, _, err = results["reranked"]
   assert code == 0, err[-3000:]
-  config, params, tokenizer_dir = rerank.load_trained(runs["reranker"])
+  config, params, tokenizer_dir = rerank_training.load_trained(runs["reranker"])
   tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_dir)
   with open(root / "reranked" / "samples.json") as f:
     manifest = json.load(f)

@@ -11,13 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import CACHE_ENV
-from dalle_jax import checkpointing, dvae, dvae_training
+from conftest import CACHE_ENV, REPO
+from dalle_jax.train import checkpointing
+from dalle_jax.dvae import model as dvae, training as dvae_training
 from experiments.configs import dvae_tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "train_dvae.py")
-CONFIG = os.path.join(ROOT, "experiments", "configs", "dvae_tiny.py")
+SCRIPT = os.path.join(REPO, "experiments", "train_dvae.py")
+CONFIG = os.path.join(REPO, "experiments", "configs", "dvae_tiny.py")
 
 
 def _command(workdir, steps):

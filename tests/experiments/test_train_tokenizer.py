@@ -4,11 +4,11 @@ import os
 import subprocess
 import sys
 
-from conftest import encode_image, random_pixels, write_folder, write_tar
+from conftest import REPO, encode_image, random_pixels, write_folder, write_tar
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import emoji
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+SCRIPT = os.path.join(REPO, "experiments",
                       "train_tokenizer.py")
 
 

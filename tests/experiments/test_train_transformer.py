@@ -13,14 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import CACHE_ENV, make_stage2_data
-from dalle_jax import checkpointing, transformer_training
-from dalle_jax.transformer import TransformerConfig
+from conftest import CACHE_ENV, REPO, make_stage2_data
+from dalle_jax.train import checkpointing
+from dalle_jax.transformer import training as transformer_training
+from dalle_jax.transformer.model import TransformerConfig
 from experiments.configs import transformer_tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "train_transformer.py")
-CONFIG = os.path.join(ROOT, "experiments", "configs", "transformer_tiny.py")
+SCRIPT = os.path.join(REPO, "experiments", "train_transformer.py")
+CONFIG = os.path.join(REPO, "experiments", "configs", "transformer_tiny.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""dalle_jax/rerank.py and experiments/train_reranker.py: refusals, a falling loss, a short
+"""dalle_jax/rerank/model.py and experiments/train_reranker.py: refusals, a falling loss, a short
 training that ranks true (image, caption) pairs of held-out shapes above shuffled ones, and the
 script end to end with resume and `load_trained`."""
 
@@ -13,17 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import CACHE_ENV
-from dalle_jax import rerank
+from conftest import CACHE_ENV, REPO
+from dalle_jax.rerank import model as rerank, training as rerank_training
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import make_source, pipeline, shapes
 from experiments.configs import reranker_tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "train_reranker.py")
-CONFIG = os.path.join(ROOT, "experiments", "configs", "reranker_tiny.py")
+SCRIPT = os.path.join(REPO, "experiments", "train_reranker.py")
+CONFIG = os.path.join(REPO, "experiments", "configs", "reranker_tiny.py")
 MODEL = rerank.RerankerConfig(**reranker_tiny.get_config().model)
-TRAIN = rerank.RerankerTrainConfig(batch_size=32, num_steps=400, learning_rate=2e-3,
+TRAIN = rerank_training.RerankerTrainConfig(batch_size=32, num_steps=400, learning_rate=2e-3,
                                    warmup_steps=20, ema_decay=0.0)
 
 
@@ -50,7 +49,7 @@ def _batches(tokenizer_dir, split, examples, seed):
 
 @pytest.fixture(scope="module")
 def step():
-  return jax.jit(functools.partial(rerank.train_step, MODEL, TRAIN), donate_argnums=0)
+  return jax.jit(functools.partial(rerank_training.train_step, MODEL, TRAIN), donate_argnums=0)
 
 
 def test_bad_configs_and_inputs_are_refused():
@@ -61,7 +60,7 @@ def test_bad_configs_and_inputs_are_refused():
   with pytest.raises(ValueError, match="image_depth must be >= 1"):
     rerank.RerankerConfig(image_depth=0)
   with pytest.raises(ValueError, match="batch_size must be >= 2"):
-    rerank.RerankerTrainConfig(batch_size=1)
+    rerank_training.RerankerTrainConfig(batch_size=1)
   tokenizer = type("Tok", (), {"vocab_size": 320, "text_len": 16})()
   with pytest.raises(ValueError, match="text_vocab_size=320"):
     rerank.check_tokenizer(MODEL, tokenizer)
@@ -86,7 +85,7 @@ def test_rerank_keeps_the_best_first():
 
 def test_loss_falls_on_a_real_batch(tokenizer_dir, step):
   images, text = _batches(tokenizer_dir, "train", TRAIN.batch_size, seed=3)[0]
-  state = rerank.init_state(MODEL, TRAIN, jax.random.key(1))
+  state = rerank_training.init_state(MODEL, TRAIN, jax.random.key(1))
   losses = []
   for _ in range(30):
     state, metrics = step(state, images, text)
@@ -97,7 +96,7 @@ def test_loss_falls_on_a_real_batch(tokenizer_dir, step):
 
 def test_short_training_ranks_true_pairs_of_heldout_shapes_above_shuffled(tokenizer_dir, step):
   train_batches = _batches(tokenizer_dir, "train", 2048, seed=0)
-  state = rerank.init_state(MODEL, TRAIN, jax.random.key(0))
+  state = rerank_training.init_state(MODEL, TRAIN, jax.random.key(0))
   for i in range(TRAIN.num_steps):
     state, _ = step(state, *train_batches[i % len(train_batches)])
 
@@ -140,10 +139,10 @@ def test_the_script_trains_resumes_and_load_trained_returns_the_params(tokenizer
   assert [l["step"] for l in lines if "eval/top1" in l] == [4, 6]
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6"]
 
-  config, params, tokenizer_path = rerank.load_trained(str(tmp_path))
+  config, params, tokenizer_path = rerank_training.load_trained(str(tmp_path))
   assert config == MODEL
   assert jax.tree.structure(params) == jax.tree.structure(rerank.init(MODEL, jax.random.key(0)))
-  _, raw_params, _ = rerank.load_trained(str(tmp_path), ema=False)
+  _, raw_params, _ = rerank_training.load_trained(str(tmp_path), ema=False)
   differs = jax.tree.map(lambda a, b: not np.array_equal(a, b), params, raw_params)
   assert any(jax.tree.leaves(differs))  # the EMA (the default) lags the raw parameters
   tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path)
@@ -153,4 +152,4 @@ def test_the_script_trains_resumes_and_load_trained_returns_the_params(tokenizer
   scores = rerank.score(params, config, jnp.asarray(images), jnp.asarray(text))
   assert scores.shape == (2,) and np.all(np.abs(np.asarray(scores)) <= 1 + 1e-5)
   with pytest.raises(FileNotFoundError, match="train_reranker.py workdir"):
-    rerank.load_trained(str(tmp_path / "missing"))
+    rerank_training.load_trained(str(tmp_path / "missing"))

@@ -1,4 +1,4 @@
-"""dalle_jax.fit_check: the launches' steps compiled for a TPU slice on this CPU host (libtpu from
+"""dalle_jax.scaling.fit_check: the launches' steps compiled for a TPU slice on this CPU host (libtpu from
 the `tpu` extra, which `make setup` installs), and the refusal a launch prints."""
 
 import os
@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from dalle_jax import fit_check, transformer
-from dalle_jax.transformer import TransformerConfig
-from dalle_jax.transformer_training import TransformerTrainConfig
+from dalle_jax.scaling import fit_check
+from dalle_jax.transformer import model as transformer
+from dalle_jax.transformer.model import TransformerConfig
+from dalle_jax.transformer.training import TransformerTrainConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-from configs import transformer_tiny  # noqa: E402
+from conftest import REPO
+from experiments.configs import transformer_tiny
 
 
 def test_tiny_train_step_compiles_for_v5e_with_splash_kernels():
@@ -48,8 +48,8 @@ def test_launch_refuses_a_step_that_does_not_fit(tmp_path):
   """2.1B parameters with Adam and EMA on one 16 GiB chip (the tiny config, MLP 8192 wide)."""
   workdir = str(tmp_path / "run")
   result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "experiments", "train_transformer.py"),
-       f"--config={ROOT}/experiments/configs/transformer_tiny.py", f"--workdir={workdir}",
+      [sys.executable, os.path.join(REPO, "experiments", "train_transformer.py"),
+       f"--config={REPO}/experiments/configs/transformer_tiny.py", f"--workdir={workdir}",
        "--config.model.width=8192", "--fit_check=v5e:2x2", "--fit_check_only"],
       capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode != 0

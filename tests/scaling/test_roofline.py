@@ -1,4 +1,4 @@
-"""dalle_jax/roofline.py: FLOPs and bytes counted from a config and its masks, checked against
+"""dalle_jax/scaling/roofline.py: FLOPs and bytes counted from a config and its masks, checked against
 counts made by hand for tiny geometries."""
 
 import flax.linen as nn
@@ -6,8 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from dalle_jax import roofline, transformer
-from dalle_jax.transformer import TransformerConfig
+from dalle_jax.scaling import roofline
+from dalle_jax.transformer import model as transformer
+from dalle_jax.transformer.model import TransformerConfig
 
 T, W = 4, 3  # text positions; image side (9 image tokens, sequence 13)
 

@@ -13,13 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import CACHE_ENV
-from dalle_jax import checkpointing, launch, preemption, run_config, workdir_lock
+from conftest import CACHE_ENV, REPO
+from dalle_jax.train import checkpointing, launch, preemption, run_config, workdir_lock
 from experiments.configs import dvae_tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "train_dvae.py")
-CONFIG = os.path.join(ROOT, "experiments", "configs", "dvae_tiny.py")
+SCRIPT = os.path.join(REPO, "experiments", "train_dvae.py")
+CONFIG = os.path.join(REPO, "experiments", "configs", "dvae_tiny.py")
 
 
 def _command(workdir, *extra):
@@ -42,7 +41,7 @@ def _tree(workdir):
 
 def _state(workdir, step):
   config = dvae_tiny.get_config()
-  from dalle_jax import dvae, dvae_training
+  from dalle_jax.dvae import model as dvae, training as dvae_training
   model = dvae.DVAEConfig(**config.model)
   train = dvae_training.DVAETrainConfig(**config.train)
   abstract = jax.eval_shape(lambda: dvae_training.init_state(model, train, jax.random.key(0)))
@@ -240,7 +239,7 @@ def test_a_stage_run_by_the_demo_gets_the_signal_sent_to_the_demo(tmp_path):
   parent = subprocess.Popen(
       [sys.executable, "-c", "import sys; from dalle_jax import launch; "
        f"launch.run_stage([sys.executable, '-c', {child!r}])"],
-      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+      cwd=REPO, stdout=subprocess.PIPE, text=True)
   deadline = time.time() + 60
   while not (tmp_path / "ready").exists() and time.time() < deadline:
     time.sleep(0.05)

@@ -1,4 +1,4 @@
-"""dalle_jax/finetune.py: a fresh state takes another run's parameters and EMA, nothing else."""
+"""dalle_jax/train/finetune.py: a fresh state takes another run's parameters and EMA, nothing else."""
 
 import dataclasses
 import json
@@ -10,12 +10,15 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import CACHE_ENV
-from dalle_jax import (checkpointing, dvae, dvae_training, finetune, rerank, sharding,
-                       transformer_training)
-from dalle_jax.transformer import TransformerConfig
+from conftest import CACHE_ENV, REPO
+from dalle_jax import sharding
+from dalle_jax.train import checkpointing, finetune
+from dalle_jax.dvae import model as dvae, training as dvae_training
+from dalle_jax.rerank import model as rerank, training as rerank_training
+from dalle_jax.transformer import training as transformer_training
+from dalle_jax.transformer.model import TransformerConfig
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+EXPERIMENTS = os.path.join(REPO,
                            "experiments")
 
 
@@ -28,7 +31,7 @@ def fresh_state(kind: str, workdir: str, **model_changes):
       "transformer": (TransformerConfig, transformer_training.TransformerTrainConfig,
                       transformer_training.init_state),
       "dvae": (dvae.DVAEConfig, dvae_training.DVAETrainConfig, dvae_training.init_state),
-      "reranker": (rerank.RerankerConfig, rerank.RerankerTrainConfig, rerank.init_state),
+      "reranker": (rerank.RerankerConfig, rerank_training.RerankerTrainConfig, rerank_training.init_state),
   }[kind]
   model = dataclasses.replace(model_cls(**run["model"]), **model_changes)
   return init(model, train_cls(**run["train"]), jax.random.key(123))

@@ -1,4 +1,4 @@
-"""dalle_jax/launch.py: config sections that take any override, and the huge-pages environment."""
+"""dalle_jax/train/launch.py: config sections that take any override, and the huge-pages environment."""
 
 import dataclasses
 import glob
@@ -9,12 +9,16 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from dalle_jax import dvae_training, launch, rerank, transformer_training
+from dalle_jax.dvae import training as dvae_training
+from dalle_jax.train import launch
+from dalle_jax.rerank import training as rerank_training
+from dalle_jax.transformer import training as transformer_training
+from conftest import REPO
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
+CONFIGS = os.path.join(REPO, "experiments", "configs")
 TRAIN_CONFIGS = {"dvae": dvae_training.DVAETrainConfig,
                  "transformer": transformer_training.TransformerTrainConfig,
-                 "reranker": rerank.RerankerTrainConfig}
+                 "reranker": rerank_training.RerankerTrainConfig}
 
 
 @dataclasses.dataclass(frozen=True)

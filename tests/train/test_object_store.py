@@ -22,12 +22,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import CACHE_ENV, make_stage2_data
-from dalle_jax import finetune, transformer_training, workdir_lock
+from conftest import CACHE_ENV, REPO, make_stage2_data
+from dalle_jax.train import finetune, workdir_lock
+from dalle_jax.transformer import training as transformer_training
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "train_transformer.py")
-CONFIG = os.path.join(ROOT, "experiments", "configs", "transformer_tiny.py")
+SCRIPT = os.path.join(REPO, "experiments", "train_transformer.py")
+CONFIG = os.path.join(REPO, "experiments", "configs", "transformer_tiny.py")
 MESH = ("--config.mesh.fsdp=2", "--config.mesh.tensor=2")
 fsspec_registry = importlib.import_module("fsspec.registry")  # `fsspec.registry` is its view
 

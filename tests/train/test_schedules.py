@@ -1,9 +1,9 @@
-"""dalle_jax/schedules.py: the paper's cosine annealing and a linear warm-up."""
+"""dalle_jax/train/schedules.py: the paper's cosine annealing and a linear warm-up."""
 
 import numpy as np
 import pytest
 
-from dalle_jax import schedules
+from dalle_jax.train import schedules
 
 
 def test_cosine_anneal_hits_its_ends_and_midpoint_and_then_holds():

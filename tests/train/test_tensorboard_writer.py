@@ -1,4 +1,4 @@
-"""dalle_jax/tensorboard.py and the trainers' events, read back with TensorBoard's own reader."""
+"""dalle_jax/train/tensorboard_writer.py and the trainers' events, read back with TensorBoard's own reader."""
 
 import io
 import json
@@ -11,10 +11,10 @@ from PIL import Image
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import CACHE_ENV, make_stage2_data
-from dalle_jax import tensorboard
+from conftest import CACHE_ENV, REPO, make_stage2_data
+from dalle_jax.train import tensorboard_writer
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+EXPERIMENTS = os.path.join(REPO,
                            "experiments")
 
 
@@ -35,7 +35,7 @@ def decoded(image_event) -> np.ndarray:
 def test_scalars_and_images_round_trip_and_a_resume_hides_what_the_killed_run_logged(tmp_path):
   logdir = str(tmp_path)
   picture = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
-  events = tensorboard.EventLog(logdir)
+  events = tensorboard_writer.EventLog(logdir)
   for step in range(1, 5):
     events.scalars(step, {"loss": 1.0 / step, "lr": np.float32(step * 1e-4),
                           "per_device": np.ones(8)})  # not a scalar: left out
@@ -43,7 +43,7 @@ def test_scalars_and_images_round_trip_and_a_resume_hides_what_the_killed_run_lo
   events.image(4, "samples", picture[::-1])
   events.close()
   # Killed after step 4, resumed from the checkpoint of step 2: steps 3 and 4 are redone.
-  resumed = tensorboard.EventLog(logdir, resume_step=2)
+  resumed = tensorboard_writer.EventLog(logdir, resume_step=2)
   resumed.scalars(3, {"loss": -3.0})
   resumed.close()
 
@@ -58,11 +58,11 @@ def test_scalars_and_images_round_trip_and_a_resume_hides_what_the_killed_run_lo
 
 
 def test_bad_images_and_other_hosts(tmp_path):
-  events = tensorboard.EventLog(str(tmp_path / "run"))
+  events = tensorboard_writer.EventLog(str(tmp_path / "run"))
   with pytest.raises(ValueError, match=r"samples: expected uint8\[H, W, 3\], got float32"):
     events.image(1, "samples", np.zeros((4, 4, 3), np.float32))
   events.close()
-  quiet = tensorboard.EventLog(str(tmp_path / "other_host"), enabled=False)
+  quiet = tensorboard_writer.EventLog(str(tmp_path / "other_host"), enabled=False)
   quiet.scalars(1, {"loss": 1.0})
   quiet.image(1, "samples", np.zeros((4, 4, 3), np.uint8))
   quiet.close()

@@ -1,11 +1,11 @@
-"""dalle_jax/block_sparse.py: exact layouts, and outputs and gradients equal to dense attention."""
+"""dalle_jax/transformer/block_sparse.py: exact layouts, and outputs and gradients equal to dense attention."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dalle_jax import attention, block_plan, block_sparse, masks
+from dalle_jax.transformer import attention, block_plan, block_sparse, masks
 
 
 def _dense_and_sparse(mask, block_size, permutation=None, dtype=jnp.float32, seed=0):

@@ -1,9 +1,9 @@
-"""dalle_jax/masks.py: exact contents on small grids, causality, counts, the layer schedule."""
+"""dalle_jax/transformer/masks.py: exact contents on small grids, causality, counts, the layer schedule."""
 
 import numpy as np
 import pytest
 
-from dalle_jax import masks
+from dalle_jax.transformer import masks
 
 T, H, W = 2, 3, 4  # 2 text positions, a 3x4 image grid: seq 14
 

@@ -1,4 +1,4 @@
-"""Tests for dalle_jax/transformer.py: geometry, the masks each layer really applies, the loss."""
+"""Tests for dalle_jax/transformer/model.py: geometry, the masks each layer really applies, the loss."""
 
 import dataclasses
 
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dalle_jax import masks, transformer
-from dalle_jax.transformer import TransformerConfig
+from dalle_jax.transformer import masks, model as transformer
+from dalle_jax.transformer.model import TransformerConfig
 
 TINY = TransformerConfig(text_vocab_size=56, text_len=8, image_vocab_size=32, image_size=4,
                          width=32, depth=4, heads=4, head_dim=8, conv_kernel=3)
@@ -138,7 +138,7 @@ def test_bad_configs_are_refused(change, message):
 def test_scanned_layer_groups_match_unrolled_layers():
   """`scan_layers`: 2 scanned repeats of (row, column, row, row), the last 2 layers unrolled;
   the same parameters stacked give the same logits, decoding and gradients."""
-  from dalle_jax import sampling
+  from dalle_jax.transformer import sampling
   config = dataclasses.replace(TINY, depth=10, remat=True)
   scanned = dataclasses.replace(config, scan_layers=True)
   assert scanned.scan_groups() == (2, ("row", "column", "row", "row"))

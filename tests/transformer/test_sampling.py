@@ -1,4 +1,4 @@
-"""Tests for dalle_jax/sampling.py: the cached sampler draws exactly what full forward passes draw."""
+"""Tests for dalle_jax/transformer/sampling.py: the cached sampler draws exactly what full forward passes draw."""
 
 import dataclasses
 
@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dalle_jax import dvae, sampling, transformer
-from dalle_jax.sampling import SampleSettings
-from dalle_jax.transformer import TransformerConfig
+from dalle_jax.dvae import model as dvae
+from dalle_jax.transformer import model as transformer, sampling
+from dalle_jax.transformer.sampling import SampleSettings
+from dalle_jax.transformer.model import TransformerConfig
 
 # Every mask kind in one small model, the conv kernel wrapping around the 4-wide rows.
 MODEL = TransformerConfig(text_vocab_size=56, text_len=8, image_vocab_size=32, image_size=4,

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dalle_jax import checkpointing, sampling, sharding, transformer_training
-from dalle_jax.transformer import TransformerConfig
-from dalle_jax.transformer_training import TransformerTrainConfig
+from dalle_jax import sharding
+from dalle_jax.train import checkpointing
+from dalle_jax.transformer import sampling, training as transformer_training
+from dalle_jax.transformer.model import TransformerConfig
+from dalle_jax.transformer.training import TransformerTrainConfig
 
 MODEL = dict(text_vocab_size=40, text_len=8, image_vocab_size=32, image_size=4, width=32,
              depth=4, heads=4, head_dim=8, conv_kernel=3)

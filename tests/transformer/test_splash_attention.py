@@ -1,4 +1,4 @@
-"""dalle_jax/splash_attention.py: the Pallas kernel, interpreted on CPU, against dense attention.
+"""dalle_jax/transformer/splash_attention.py: the Pallas kernel, interpreted on CPU, against dense attention.
 
 Forward and gradients (q, k, v) of `splash_attention` match `attention.dense_attention` for the
 row, column (column-major permutation) and conv masks, with padding to the block, in float32 to
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dalle_jax import attention, masks
-from dalle_jax import splash_attention as splash
+from dalle_jax.transformer import attention, masks
+from dalle_jax.transformer import splash_attention as splash
 
 # The pinned jax ships the kernel: a failed import is a failure here, not a skip.
 assert splash.available(), f"Pallas splash attention does not import: {splash.IMPORT_ERROR!r}"

@@ -1,4 +1,4 @@
-"""Tests for dalle_jax/transformer_training.py on 8 simulated CPU devices: the sharded step equals
+"""Tests for dalle_jax/transformer/training.py on 8 simulated CPU devices: the sharded step equals
 the single-device step, parameters land where the rules say, checkpoints move between meshes."""
 
 import dataclasses
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dalle_jax import checkpointing, sharding, transformer_training as tt
-from dalle_jax.transformer import TransformerConfig
+from dalle_jax import sharding
+from dalle_jax.train import checkpointing
+from dalle_jax.transformer import training as tt
+from dalle_jax.transformer.model import TransformerConfig
 
 MODEL = TransformerConfig(text_vocab_size=56, text_len=8, image_vocab_size=32, image_size=4,
                           width=32, depth=4, heads=4, head_dim=8, conv_kernel=3)
