@@ -46,7 +46,7 @@ def retrieval_figure(params, model: rerank.RerankerConfig, batch: dict, count: i
   """For each of the batch's first `count` captions, the batch image the reranker ranks first,
   framed red when it is not the caption's own."""
   image_emb, text_emb, _ = rerank.embed(params, model, jnp.asarray(batch["image"]),
-                                        jnp.asarray(batch["tokens"]))
+                                        jnp.asarray(batch["text"]))
   best = np.asarray(jnp.argmax(image_emb @ text_emb.T, axis=0))[:count]  # an image per caption
   return image_grid.captioned_grid(np.asarray(batch["image"])[best],
                                    [str(c) for c in batch["caption"][:count]], tile_size=96,
@@ -115,7 +115,7 @@ def main(argv):
   train_step = rerank_training.make_train_step(model, train, mesh, shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   to_global = lambda b: sharding.host_batch_to_global(
-      {"image": b["image"], "tokens": b["tokens"]}, batch_sharding)
+      {"image": b["image"], "text": b["text"]}, batch_sharding)
   # Sharded like training (fsdp may span hosts); the metrics come back replicated.
   evaluate = jax.jit(rerank.evaluate, static_argnums=1,
                      in_shardings=(shardings.ema_params, batch_sharding, batch_sharding),

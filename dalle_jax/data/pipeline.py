@@ -93,7 +93,7 @@ def decode_record(record: records.RawRecord, rng: np.random.Generator, config: L
 
   The dict holds `key`, `caption` (one usable candidate, drawn with `rng`), `captions` (all usable
   candidates, newline-joined, for pre-encoded datasets that draw again each epoch) and
-  `image: uint8[res, res, 3]`, plus `tokens` and `truncated` given a tokenizer.
+  `image: uint8[res, res, 3]`, plus `text` (caption ids) and `truncated` given a tokenizer.
   """
   if record.skip is not None:
     return records.Skipped(record.key, record.skip, str(record.meta.get("error", "")))
@@ -113,7 +113,7 @@ def decode_record(record: records.RawRecord, rng: np.random.Generator, config: L
   example = {"key": record.key, "caption": caption, "captions": "\n".join(captions),
              "image": preprocess.preprocess(image, config.resolution, config.crop, rng)}
   if tokenizer is not None:
-    example["tokens"], example["truncated"] = tokenizer.encode(
+    example["text"], example["truncated"] = tokenizer.encode(
         caption, training=config.bpe_dropout, rng=rng)
   return example
 
@@ -160,7 +160,8 @@ class Loader:
   """An iterator of batches (dicts of NumPy arrays) from a source, resumable from its state.
 
   Batches hold `image: uint8[batch, res, res, 3]`, `caption: str[batch]`, `captions: str[batch]`
-  (every usable candidate, newline-joined), `key: str[batch]`, and with a tokenizer `tokens: int32[batch, text_len]` and `truncated: bool[batch]`.
+  (every usable candidate, newline-joined), `key: str[batch]`, and with a tokenizer the caption
+  ids `text: int32[batch, text_len]` and `truncated: bool[batch]`.
   """
 
   def __init__(self, source, config: LoaderConfig, *, tokenizer=None,

@@ -5,7 +5,7 @@ built at trace time and cached.
     plan = make_plan(mask, block_size, permutation, head_dim)   # the tiles as static arrays:
                                               # global key blocks and a band of windows
 
-`block_sparse.py` runs the computation a `Plan` describes; see its docstring for the scheme.
+`block_sparse.py` runs the computation a `BlockPlan` describes; see its docstring for the scheme.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ _COPY_COST = 1.0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Plan:
+class BlockPlan:
   """Static arrays for one (layout, permutation, head_dim); N = nB * bs padded positions.
 
   to_padded: int32[N], the original position at each padded, permuted one (seq: padding).
@@ -186,7 +186,7 @@ def _band_group(rows: int, width: int, stop: int, bs: int, head_dim: int) -> int
 
 
 @functools.lru_cache(maxsize=64)
-def plan_for(layout: BlockLayout, permutation: bytes | None, head_dim: int) -> Plan:
+def plan_for(layout: BlockLayout, permutation: bytes | None, head_dim: int) -> BlockPlan:
   """The plan of an already permuted layout; `permutation` as bytes of int64, for the cache."""
   seq, bs, nb = layout.seq_len, layout.block_size, layout.num_blocks
   perm = np.arange(seq) if permutation is None else np.frombuffer(permutation, np.int64)
@@ -209,13 +209,13 @@ def plan_for(layout: BlockLayout, permutation: bytes | None, head_dim: int) -> P
   band_mask = np.zeros(((stop - start) // group, group, bs, width, bs), dtype=bool)
   j, i = np.divmod(rows - start, group)  # group, and block within it
   band_mask[j, i, :, i + blocks - rows - offset] = tiles[rows, :, blocks]
-  return Plan(layout, to_padded, from_padded, global_blocks, global_mask, (start, stop), group,
+  return BlockPlan(layout, to_padded, from_padded, global_blocks, global_mask, (start, stop), group,
               offset, band_mask.reshape((stop - start) * bs, width * bs))
 
 
 def make_plan(mask: np.ndarray, block_size: int, permutation: np.ndarray | None,
-              head_dim: int = 64) -> Plan:
-  """The `Plan` of `mask` reordered by `permutation` (int[seq] or None), cached."""
+              head_dim: int = 64) -> BlockPlan:
+  """The `BlockPlan` of `mask` reordered by `permutation` (int[seq] or None), cached."""
   if permutation is not None:
     permutation = np.asarray(permutation, dtype=np.int64)
     if not np.array_equal(np.sort(permutation), np.arange(mask.shape[0])):

@@ -105,7 +105,7 @@ def _matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _padded(plan: block_plan.Plan, x: jax.Array) -> jax.Array:
+def _padded(plan: block_plan.BlockPlan, x: jax.Array) -> jax.Array:
   """[B, H, S, D] -> permuted, zero-padded [B, H, N, D]."""
   seq, n = len(plan.from_padded), len(plan.to_padded)
   if np.array_equal(plan.from_padded, np.arange(seq)):  # no permutation: a pad, not a gather
@@ -115,7 +115,7 @@ def _padded(plan: block_plan.Plan, x: jax.Array) -> jax.Array:
 
 # The band's windows ---------------------------------------------------------------------------
 
-def _keys(plan: block_plan.Plan, x: jax.Array) -> tuple[jax.Array | None, jax.Array | None]:
+def _keys(plan: block_plan.BlockPlan, x: jax.Array) -> tuple[jax.Array | None, jax.Array | None]:
   """Padded keys (or values) [B, H, N, D] -> the global ones [B, H, nG * bs, D] and the band's
   source [B, H, stop - start + width - g, bs, D], None where absent: band group j's window is
   the source's blocks j * g .. j * g + width - 1 (zero blocks out of range)."""
@@ -127,7 +127,7 @@ def _keys(plan: block_plan.Plan, x: jax.Array) -> tuple[jax.Array | None, jax.Ar
   return kept, band
 
 
-def _windows(plan: block_plan.Plan, source: jax.Array, start, length: int) -> jax.Array:
+def _windows(plan: block_plan.BlockPlan, source: jax.Array, start, length: int) -> jax.Array:
   """The windows of the n = length / g band groups from query block `start` (traced):
   [B, H, n, width * bs, D]. Slot s of every group is one strided slice of the source: `width`
   slices and a stack, no gather."""
@@ -137,7 +137,7 @@ def _windows(plan: block_plan.Plan, source: jax.Array, start, length: int) -> ja
   return windows.reshape(*windows.shape[:3], -1, windows.shape[-1])
 
 
-def _fold_windows(plan: block_plan.Plan, d_windows: jax.Array) -> jax.Array:
+def _fold_windows(plan: block_plan.BlockPlan, d_windows: jax.Array) -> jax.Array:
   """The transpose of `_windows` (less the slice), on transposed windows: [B, H, n, D,
   width * bs] -> [B, H, n * g + width - g, D, bs], each block the sum of the slots that held it:
   `width` strided pads, added up in one fused loop."""
@@ -159,7 +159,7 @@ class _Segment:
   global_full: bool
 
 
-def _segments(plan: block_plan.Plan, batch_heads: int) -> list[_Segment]:
+def _segments(plan: block_plan.BlockPlan, batch_heads: int) -> list[_Segment]:
   """The query blocks in order: before the band, the band, after it."""
   bs, nb, (start, stop) = plan.layout.block_size, plan.layout.num_blocks, plan.band_rows
   segments = []
@@ -196,7 +196,7 @@ def _in_chunks(step, carry, segment: _Segment):
   return carry, jax.tree.map(lambda *y: jnp.concatenate(y, axis=2), *ys)
 
 
-def _scores(plan: block_plan.Plan, segment: _Segment, q: jax.Array, k_global, k_windows, start,
+def _scores(plan: block_plan.BlockPlan, segment: _Segment, q: jax.Array, k_global, k_windows, start,
             length: int) -> tuple[jax.Array | None, jax.Array | None]:
   """Masked float32 scores of the query blocks [start, start + length) (start traced) against
   the global keys, [B, H, length * bs, nG * bs], and against their band windows,
@@ -216,7 +216,7 @@ def _scores(plan: block_plan.Plan, segment: _Segment, q: jax.Array, k_global, k_
   return s_global, s_band
 
 
-def _band_product(plan: block_plan.Plan, p: jax.Array, windows: jax.Array) -> jax.Array:
+def _band_product(plan: block_plan.BlockPlan, p: jax.Array, windows: jax.Array) -> jax.Array:
   """[B, H, n * g * bs, width * bs] weights x [B, H, n, width * bs, D] windows -> [B, H,
   n * g * bs, D]: each group's rows against its window."""
   g_bs = plan.band_group * plan.layout.block_size
@@ -226,7 +226,7 @@ def _band_product(plan: block_plan.Plan, p: jax.Array, windows: jax.Array) -> ja
 # The attention --------------------------------------------------------------------------------
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sparse_attention(plan: block_plan.Plan, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def _sparse_attention(plan: block_plan.BlockPlan, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """softmax(q k^T, masked) v over the plan's tiles: [B, H, S, D] x3 (q scaled) -> same."""
   return _sparse_fwd(plan, q, k, v)[0]
 
@@ -312,7 +312,7 @@ def _sparse_bwd(plan, residuals, d_out):
   return d_q.astype(q.dtype), d_k.astype(q.dtype), d_v.astype(q.dtype)
 
 
-def _key_gradient(plan: block_plan.Plan, d_global: jax.Array | None, d_band: jax.Array | None):
+def _key_gradient(plan: block_plan.BlockPlan, d_global: jax.Array | None, d_band: jax.Array | None):
   """The transposed gradients of the global keys, [B, H, D, nG * bs], and of the band's source,
   [B, H, stop - start + width - g, D, bs] -> [B, H, S, D], each key at its original position."""
   bs, nb = plan.layout.block_size, plan.layout.num_blocks

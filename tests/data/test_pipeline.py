@@ -95,7 +95,7 @@ def test_a_tokenizer_adds_tokens_and_truncations_are_counted():
   config = pipeline.LoaderConfig(resolution=8, batch_size=4, num_epochs=1)
   loader = _loader(config, tokenizer=_CharTokenizer())
   batches = list(loader)
-  assert batches[0]["tokens"].shape == (4, 6) and batches[0]["tokens"].dtype == np.int32
+  assert batches[0]["text"].shape == (4, 6) and batches[0]["text"].dtype == np.int32
   # Every caption ("record 7", "item 12") is longer than 6 characters except "item N" (N < 10).
   truncated = sum(int(b["truncated"].sum()) for b in batches)
   assert loader.counts["truncated_captions"] == truncated and 14 <= truncated <= 24
@@ -117,8 +117,8 @@ def test_the_real_tokenizer_drops_out_only_when_asked():
   plain = pipeline.LoaderConfig(resolution=8, batch_size=24, num_epochs=1, bpe_dropout=False)
   batch = next(_loader(plain, tokenizer=tok))
   expected = np.stack([tok.encode(c)[0] for c in batch["caption"]])
-  np.testing.assert_array_equal(batch["tokens"], expected)
+  np.testing.assert_array_equal(batch["text"], expected)
   dropped = next(_loader(pipeline.LoaderConfig(**{**plain.__dict__, "bpe_dropout": True}),
                          tokenizer=tok))
-  assert (dropped["tokens"] != expected).any()
-  assert [tok.decode(t) for t in dropped["tokens"]] == list(batch["caption"])
+  assert (dropped["text"] != expected).any()
+  assert [tok.decode(t) for t in dropped["text"]] == list(batch["caption"])

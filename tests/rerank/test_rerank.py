@@ -44,7 +44,7 @@ def _batches(tokenizer_dir, split, examples, seed):
       pipeline.LoaderConfig(resolution=MODEL.resolution, batch_size=TRAIN.batch_size, seed=seed,
                             num_epochs=1, bpe_dropout=False),
       tokenizer=tokenizer_lib.Tokenizer.load(tokenizer_dir), process_index=0, process_count=1)
-  return [(jnp.asarray(b["image"]), jnp.asarray(b["tokens"])) for b in loader]
+  return [(jnp.asarray(b["image"]), jnp.asarray(b["text"])) for b in loader]
 
 
 @pytest.fixture(scope="module")

@@ -237,7 +237,7 @@ def test_a_stage_run_by_the_demo_gets_the_signal_sent_to_the_demo(tmp_path):
            f"open({str(tmp_path / 'ready')!r}, 'w').close()\n"
            "time.sleep(60)\n")
   parent = subprocess.Popen(
-      [sys.executable, "-c", "import sys; from dalle_jax import launch; "
+      [sys.executable, "-c", "import sys; from dalle_jax.train import launch; "
        f"launch.run_stage([sys.executable, '-c', {child!r}])"],
       cwd=REPO, stdout=subprocess.PIPE, text=True)
   deadline = time.time() + 60
