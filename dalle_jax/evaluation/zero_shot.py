@@ -1,9 +1,9 @@
 """Zero-shot evaluation: do samples for held-out captions show what the captions say?
 
     gen = generate.Generator.load("runs/transformer", reranker="runs/reranker")
-    results = zero_shot_eval.evaluate(gen, "shapes", num_captions=48, samples_per_caption=2,
-                                      candidates=8)
-    print(zero_shot_eval.report(results))
+    results = zero_shot.evaluate(gen, "shapes", num_captions=48, samples_per_caption=2,
+                                 candidates=8)
+    print(zero_shot.report(results))
 
 Draws `samples_per_caption` images for `num_captions` held-out captions and as many training
 captions, and judges them with `dalle_jax/evaluation/judge.py`:
