@@ -30,7 +30,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     data = len(devices) // (fsdp * tensor)
   if min(data, fsdp, tensor) < 1 or data * fsdp * tensor != len(devices):
     raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} must use exactly the "
-                     f"{len(devices)} devices; set --config.mesh.data=-1 to fill the rest with data")
+                     f"{len(devices)} devices; set --config.mesh.data=-1 to fill the rest "
+                     "with data")
   # Auto axes: the compiler propagates shardings from the ones we declare on inputs and outputs.
   types = (AxisType.Auto,) * 3
   try:
