@@ -26,6 +26,9 @@ import numpy as np
 
 from dalle_jax.transformer import masks
 
+# The repository root: configs are imported (and import each other) as experiments.configs.<name>.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the table go.", required=True)
 _DEMO_WORK = flags.DEFINE_string("demo_work", None, "A demo's work directory (demo_out/work): "
                                  "its encoded shapes codes and tokenizer.")
