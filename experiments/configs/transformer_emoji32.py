@@ -6,8 +6,8 @@ most 19 pieces) and 8x8 codes over 512 from dvae_emoji32.py.
       --config.data.eval_codes_dir=runs/emoji_codes_heldout \
       --config.data.tokenizer_dir=runs/emoji_tokenizer
 
-Expected (the emoji demo's transformer stage, 2 CPU cores): 2,000 steps in about 17 minutes,
-image-token loss 1.27 train and 1.98 held-out.
+Expected (the emoji demo's transformer stage, 2 CPU cores, one busy with another job): 2,000
+steps in about 17 minutes, image-token loss 1.27 train and 1.98 held-out.
 """
 
 from experiments.configs import transformer_small
