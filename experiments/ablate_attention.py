@@ -26,6 +26,9 @@ import numpy as np
 
 from dalle_jax.transformer import masks
 
+# The repository root: configs are imported (and import each other) as experiments.configs.<name>.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the table go.", required=True)
 _DEMO_WORK = flags.DEFINE_string("demo_work", None, "A demo's work directory (demo_out/work): "
                                  "its encoded shapes codes and tokenizer.")
@@ -35,7 +38,8 @@ _TOKENIZER = flags.DEFINE_string("tokenizer_dir", None, "train_tokenizer.py outp
 _CONFIG = flags.DEFINE_string("config", os.path.join(os.path.dirname(__file__), "configs",
                                                      "transformer_small.py"),
                               "Base transformer config file.")
-_STEPS = flags.DEFINE_integer("num_steps", 1_500, "Training steps of every variant.")
+_STEPS = flags.DEFINE_integer("num_steps", None, "Training steps of every variant (default: "
+                              "the base config's train.num_steps).")
 _VARIANTS = flags.DEFINE_list("variants", ["dense", "paper", "axial"], "Which to train.")
 _IMPLEMENTATION = flags.DEFINE_string("implementation", "block_sparse",
                                       "Attention implementation of the sparse variants.")
@@ -100,7 +104,8 @@ def summarize(workdir: str) -> dict:
 def main(argv):
   del argv
   codes_dir, eval_codes_dir, tokenizer_dir = data_dirs()
-  depth = runpy.run_path(_CONFIG.value)["get_config"]().model.depth
+  base = runpy.run_path(_CONFIG.value)["get_config"]()
+  depth, steps = base.model.depth, _STEPS.value or base.train.num_steps
   for variant in _VARIANTS.value:
     layer_kinds(variant, depth)  # refuse an unknown variant before anything trains
   os.makedirs(_WORKDIR.value, exist_ok=True)
@@ -112,11 +117,11 @@ def main(argv):
     subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__),
                                                  "train_transformer.py"),
                     f"--config={config}", f"--workdir={workdir}",
-                    f"--config.train.num_steps={_STEPS.value}",
+                    f"--config.train.num_steps={steps}",
                     f"--config.data.codes_dir={codes_dir}",
                     f"--config.data.eval_codes_dir={eval_codes_dir}",
                     f"--config.data.tokenizer_dir={tokenizer_dir}",
-                    "--config.sample_every=0", f"--config.eval_every={_STEPS.value}"],
+                    "--config.sample_every=0", f"--config.eval_every={steps}"],
                    check=True)
     results[variant] = summarize(workdir)
 

@@ -14,6 +14,7 @@ load during them is reported (see bench_util).
 import dataclasses
 import os
 import statistics
+import sys
 import time
 
 from absl import app, flags
@@ -27,6 +28,9 @@ import bench_util
 from dalle_jax.transformer import model as transformer, sampling
 from dalle_jax.transformer.sampling import SampleSettings
 from dalle_jax.transformer.model import TransformerConfig
+
+# The repository root: configs are imported (and import each other) as experiments.configs.<name>.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "transformer_bench_small.py"),

@@ -11,17 +11,21 @@ row per case and, with --out, writes every figure as JSON. Needs libtpu (`pip in
 import dataclasses
 import json
 import os
+import sys
 import time
 
 from absl import app, flags
 import jax
 
 import bench_util
-from configs import dvae_paper, transformer_paper
 from dalle_jax.dvae import model as dvae, training as dvae_training
 from dalle_jax.scaling import fit_check
 from dalle_jax.transformer.model import TransformerConfig
 from dalle_jax.transformer.training import TransformerTrainConfig
+
+# The repository root: configs are imported (and import each other) as experiments.configs.<name>.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.configs import dvae_paper, transformer_paper  # noqa: E402
 
 _CASES = flags.DEFINE_list("cases", ["12b_v5p_128", "12b_v5e_256", "12b_v6e_256", "dvae_v5p_64",
                                      "sample_12b_v5p_8"], "Which cases to compile, in order.")

@@ -27,6 +27,7 @@ import os
 import re
 import resource
 import statistics
+import sys
 import tempfile
 import time
 
@@ -42,6 +43,9 @@ from dalle_jax.transformer import model as transformer, training as transformer_
 from dalle_jax.transformer.model import TransformerConfig
 from dalle_jax.transformer.training import TransformerTrainConfig
 import bench_util  # experiments/bench_util.py: this script's folder is on sys.path
+
+# The repository root: configs are imported (and import each other) as experiments.configs.<name>.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "transformer_bench_small.py"),

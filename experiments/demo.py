@@ -16,16 +16,17 @@ started again resumes where it stopped: every stage resumes or skips finished wo
 
 and writes into `--out`: samples.png (captioned grid; held-out captions framed in red),
 reconstructions.png (dVAE input beside output), loss_curves.png, zero_shot.png (judged samples)
-and metrics.json. What differs between the datasets is one entry of `PLANS`.
+and metrics.json. What differs between the datasets is one entry of `PLANS`; each stage's length
+is its config's train.num_steps, times --steps_scale.
 """
 
 import dataclasses
 import json
 import os
-import runpy
 import shutil
 import sys
 import time
+import types
 from typing import Callable
 
 from absl import app, flags
@@ -37,9 +38,14 @@ from dalle_jax.train import launch
 from dalle_jax.data import code_shards
 from dalle_jax.data import emoji, shapes
 
+# The repository root: configs are imported (and import each other) as experiments.configs.<name>.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.configs import (  # noqa: E402
+    dvae_emoji32, dvae_shapes, reranker_emoji32, reranker_small, transformer_emoji32,
+    transformer_small)
+
 FLAGS = flags.FLAGS  # defined by define_flags(), below
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIGS = os.path.join(HERE, "configs")
 
 
 def run(stage: str, script: str, *args: str, timings: dict) -> None:
@@ -147,11 +153,10 @@ def emoji_summary(results: dict) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Everything the demo does differently per dataset."""
-  steps: dict[str, int]  # stage lengths at --steps_scale=1
   tokenizer_flags: Callable[[str], list[str]]  # the work dir -> train_tokenizer.py's data flags
-  dvae_config: str  # file names under experiments/configs
-  reranker_config: str
-  transformer_config: str
+  # Stage -> its config module in experiments/configs ("dvae", "reranker", "transformer"): the
+  # file its script runs, and the stage's length at --steps_scale=1 (train.num_steps).
+  configs: dict[str, types.ModuleType]
   encode_counts: dict[str, int | None]  # split -> encode_dataset.py --num_examples (None: all)
   captions: Callable[[], tuple[list[str], list[bool]]]  # for samples.png, and which are held out
   zero_shot_summary: Callable[[dict], dict]  # eval_zero_shot.py's JSON -> metrics.json's part
@@ -159,37 +164,38 @@ class Plan:
 
 
 PLANS = {
-    # Chosen so that the whole demo fits 15 minutes on 2 cores.
+    # Its configs' lengths fit the whole demo in 15 minutes on 2 cores.
     "shapes": Plan(
-        steps={"dvae": 1_500, "reranker": 600, "transformer": 1_500},
-        tokenizer_flags=shapes_tokenizer_flags, dvae_config="dvae_shapes.py",
-        reranker_config="reranker_small.py", transformer_config="transformer_small.py",
+        tokenizer_flags=shapes_tokenizer_flags,
+        configs={"dvae": dvae_shapes, "reranker": reranker_small, "transformer": transformer_small},
         encode_counts={"train": 20_000, "heldout": 512}, captions=shapes_captions,
         zero_shot_summary=shapes_summary),
-    # 3,172 training emoji: the dVAE needs twice the shapes' steps for their colours, and the
-    # transformer sees each caption about 20 times.
     "emoji": Plan(
-        steps={"dvae": 3_000, "reranker": 600, "transformer": 2_000},
-        tokenizer_flags=emoji_tokenizer_flags, dvae_config="dvae_emoji32.py",
-        reranker_config="reranker_emoji32.py", transformer_config="transformer_emoji32.py",
+        tokenizer_flags=emoji_tokenizer_flags,
+        configs={"dvae": dvae_emoji32, "reranker": reranker_emoji32,
+                 "transformer": transformer_emoji32},
         encode_counts={"train": None, "heldout": None}, captions=emoji_captions,
         zero_shot_summary=emoji_summary,
-        # The held-out tones are a weak conditional signal against 3,172 memorised images:
-        # guidance 3 took held-out tone retrieval 0.58 -> 0.665 on 96 captions (2026-12-01; on
-        # an older run: 0.50 -> 0.59, with 2 0.56 and 4 0.51). On shapes guidance did not help
-        # (2: within noise, 3: 0.33 against 0.56).
+        # The held-out tones are a weak conditional signal against 3,172 memorised images: guidance
+        # 3 takes held-out tone retrieval from 0.58 to 0.665 (96 captions). On shapes it does not
+        # help (3: every attribute right 0.33 against 0.56).
         guidance=3.0),
 }
+
+
+def stage_steps(plan: Plan, scales: dict[str, float]) -> dict[str, int]:
+  """Each stage's training steps: its config's train.num_steps times the stage's scale."""
+  return {stage: max(1, round(config.get_config().train.num_steps * scales[stage]))
+          for stage, config in plan.configs.items()}
 
 
 def check_dataset(work: str, dataset: str) -> None:
   """Records which dataset `work` holds; refuses to resume another's stages in it."""
   marker = os.path.join(work, "dataset")
+  held = dataset
   if os.path.exists(marker):
     with open(marker) as f:
       held = f.read().strip()
-  else:  # demos from before --dataset left no marker, and were all shapes
-    held = "shapes" if os.path.isdir(os.path.join(work, "dvae")) else dataset
   if held != dataset:
     raise app.UsageError(f"{work} holds the {held} demo's stages: pass another --out for "
                          f"--dataset={dataset}")
@@ -205,8 +211,10 @@ def main(argv):
   work = os.path.join(out, "work")
   check_dataset(work, FLAGS.dataset)
   dvae_scale = FLAGS.dvae_steps_scale
-  scales = {"dvae": FLAGS.steps_scale if dvae_scale is None else dvae_scale}
-  steps = {k: max(1, round(v * scales.get(k, FLAGS.steps_scale))) for k, v in plan.steps.items()}
+  scales = {"dvae": FLAGS.steps_scale if dvae_scale is None else dvae_scale,
+            "reranker": FLAGS.steps_scale, "transformer": FLAGS.steps_scale}
+  steps = stage_steps(plan, scales)
+  config_file = {stage: config.__file__ for stage, config in plan.configs.items()}
   path = lambda *p: os.path.join(work, *p)
   guidance = plan.guidance if FLAGS.guidance is None else FLAGS.guidance
   timings = {}
@@ -214,8 +222,8 @@ def main(argv):
   run("tokenizer", "train_tokenizer.py", *plan.tokenizer_flags(work),
       f"--out_dir={path('tokenizer')}", timings=timings)
   # The dVAE's schedules (tau, beta, learning rate) stretch with its steps.
-  dvae_train = runpy.run_path(os.path.join(CONFIGS, plan.dvae_config))["get_config"]().train
-  run("dvae", "train_dvae.py", f"--config={CONFIGS}/{plan.dvae_config}",
+  dvae_train = plan.configs["dvae"].get_config().train
+  run("dvae", "train_dvae.py", f"--config={config_file['dvae']}",
       f"--workdir={path('dvae')}", f"--config.train.num_steps={steps['dvae']}",
       f"--config.train.schedule_scale={dvae_train.schedule_scale * scales['dvae']}",
       timings=timings)
@@ -225,10 +233,10 @@ def main(argv):
         *([f"--num_examples={count}"] if count else []),
         f"--out_dir={path('codes_' + split)}", "--batch_size=128", "--shard_size=4096",
         timings=timings)
-  run("reranker", "train_reranker.py", f"--config={CONFIGS}/{plan.reranker_config}",
+  run("reranker", "train_reranker.py", f"--config={config_file['reranker']}",
       f"--workdir={path('reranker')}", f"--config.train.num_steps={steps['reranker']}",
       f"--config.data.tokenizer_dir={path('tokenizer')}", timings=timings)
-  run("transformer", "train_transformer.py", f"--config={CONFIGS}/{plan.transformer_config}",
+  run("transformer", "train_transformer.py", f"--config={config_file['transformer']}",
       f"--workdir={path('transformer')}", f"--config.train.num_steps={steps['transformer']}",
       f"--config.data.codes_dir={path('codes_train')}",
       f"--config.data.eval_codes_dir={path('codes_heldout')}",

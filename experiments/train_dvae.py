@@ -12,6 +12,7 @@ reached and exits with status 75.
 """
 
 import os
+import sys
 
 from absl import flags, logging
 import jax
@@ -24,6 +25,9 @@ from dalle_jax.train import finetune, launch, preemption, tensorboard_writer, tr
 from dalle_jax import data as data_lib
 from dalle_jax.scaling import fit_check
 from dalle_jax.data import pipeline
+
+# The repository root: configs are imported (and import each other) as experiments.configs.<name>.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "dvae_emoji64.py"),

@@ -14,6 +14,7 @@ another run's parameters (fine-tuning).
 """
 
 import os
+import sys
 
 from absl import flags, logging
 import jax
@@ -31,6 +32,9 @@ from dalle_jax import data as data_lib
 from dalle_jax.scaling import fit_check
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import pipeline
+
+# The repository root: configs are imported (and import each other) as experiments.configs.<name>.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "reranker_small.py"),

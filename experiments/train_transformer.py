@@ -14,6 +14,7 @@ grids) and config.json. --config.init_from=<workdir> starts from another run's p
 """
 
 import os
+import sys
 import time
 
 from absl import flags, logging
@@ -30,6 +31,9 @@ from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import code_batches, code_shards
 from dalle_jax.transformer.model import TransformerConfig
 from dalle_jax.transformer.training import TransformerTrainConfig
+
+# The repository root: configs are imported (and import each other) as experiments.configs.<name>.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "transformer_small.py"),

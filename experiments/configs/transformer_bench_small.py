@@ -1,4 +1,13 @@
-"""The benchmark geometry: text 64 over 4,096, 16x16 codes over 1,024, width 256, depth 4."""
+"""The benchmark geometry: text 64 over 4,096, 16x16 codes over 1,024, width 256, depth 4.
+
+  python experiments/bench_train.py --config=experiments/configs/transformer_bench_small.py \
+      --hugepages                                  # the train step at batch 8
+  python experiments/bench_sample.py               # the cached sampler at batch 8 (this config)
+
+Expected (2-core AMD EPYC with AVX-512, quiet; BENCHMARKS.md): the train step 10,247 tokens/s on
+huge pages (52.8% of the float32 matmul peak), 7,609 plain; sampling 2,813 image tokens/s through
+the dense decode step, 4,432 through the block-sparse one.
+"""
 
 import ml_collections
 
@@ -8,6 +17,7 @@ from dalle_jax.transformer import training as transformer_training
 
 def get_config():
   config = ml_collections.ConfigDict()
+  # 4,096 ids in all: the 64 text positions' pad ids follow the BPE pieces.
   config.model = dict(text_vocab_size=4096 - 64, text_len=64, image_vocab_size=1024,
                       image_size=16, width=256, depth=4, heads=4, head_dim=64, conv_kernel=11,
                       dtype="float32", remat=False, dropout=0.0, attention="dense")

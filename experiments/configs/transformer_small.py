@@ -1,5 +1,14 @@
-"""The CPU demo's transformer: shapes captions (BPE over 400) and 8x8 codes over 512 from
-experiments/configs/dvae_shapes.py; minutes on 2 cores."""
+"""The shapes demo's transformer: shapes captions (BPE over 400, 24 positions) and 8x8 codes over
+512 from dvae_shapes.py.
+
+  python experiments/train_transformer.py --config=experiments/configs/transformer_small.py \
+      --workdir=runs/transformer --config.data.codes_dir=runs/codes \
+      --config.data.eval_codes_dir=runs/codes_heldout --config.data.tokenizer_dir=runs/tokenizer
+
+Expected (the shapes demo's transformer stage; 2 CPU cores, malloc on huge pages): 1,500 steps in
+about 6 minutes, image-token loss 0.714 train and 0.700 held-out (the codes' unigram entropy:
+3.12 nats).
+"""
 
 import ml_collections
 
@@ -9,13 +18,16 @@ from dalle_jax.transformer import training as transformer_training
 
 def get_config():
   config = ml_collections.ConfigDict()
+  # conv_kernel 5 on an 8x8 grid: the paper's 11 would span more than the image.
   config.model = dict(text_vocab_size=400, text_len=24, image_vocab_size=512, image_size=8,
                       width=256, depth=4, heads=4, head_dim=64, conv_kernel=5,
                       dtype="float32", remat=False, dropout=0.0, attention="dense")
   config.train = launch.config_section(
-      transformer_training.TransformerTrainConfig, batch_size=32, num_steps=3_000,
+      transformer_training.TransformerTrainConfig, batch_size=32, num_steps=1_500,
       learning_rate=1e-3, warmup_steps=200, final_learning_rate=1e-5, ema_decay=0.99,
-      caption_dropout=0.1)
+      caption_dropout=0.1)  # empty captions, for classifier-free guidance
+  # codes_dir: encode_dataset.py's shards; tokenizer_dir: train_tokenizer.py's; dvae_workdir:
+  # the train_dvae.py run that encoded them (to decode sample grids).
   config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", dvae_workdir="",
                      eval_batches=8)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)

@@ -1,6 +1,6 @@
-"""experiments/demo.py's per-dataset plans: configs that fit each other, an emoji tokenizer that
-holds every name, captions from the right splits, summaries that read eval_zero_shot.py's keys,
-and a work directory that refuses another dataset's stages. (The demo end to end takes minutes:
+"""experiments/demo.py's per-dataset plans: configs that fit each other and give the stages'
+lengths, an emoji tokenizer that holds every name, captions from the right splits, summaries that
+read eval_zero_shot.py's keys, and a work directory that refuses another dataset's stages. (The demo end to end takes minutes:
 `python experiments/demo.py --dataset=emoji --steps_scale=0.02` is its smoke run.)"""
 
 import importlib.util
@@ -36,10 +36,6 @@ def _load(path: str):
 demo = _load("demo.py")
 
 
-def _config(name: str):
-  return _load(os.path.join("configs", name)).get_config()
-
-
 def _flag(flags: list[str], name: str) -> str:
   return next(f.split("=", 1)[1] for f in flags if f.startswith(f"--{name}="))
 
@@ -49,11 +45,10 @@ def test_plan_configs_fit_each_other(dataset, tmp_path):
   plan = demo.PLANS[dataset]
   flags = plan.tokenizer_flags(str(tmp_path))
   text = int(_flag(flags, "vocab_size")), int(_flag(flags, "text_len"))
-  dvae_config = _config(plan.dvae_config)
+  dvae_config, reranker_config, transformer_config = (
+      plan.configs[stage].get_config() for stage in ("dvae", "reranker", "transformer"))
   model = dvae.DVAEConfig(**dvae_config.model)
-  transformer_config = _config(plan.transformer_config)
   transformer = TransformerConfig(**transformer_config.model)
-  reranker_config = _config(plan.reranker_config)
   reranker = rerank.RerankerConfig(**reranker_config.model)
   assert (transformer.text_vocab_size, transformer.text_len) == text
   assert (reranker.text_vocab_size, reranker.text_len) == text
@@ -63,9 +58,25 @@ def test_plan_configs_fit_each_other(dataset, tmp_path):
   # The held-out split is only ever evaluation data.
   assert dvae_config.data.split == reranker_config.data.split == "train"
   assert set(plan.encode_counts) == {"train", "heldout"}
-  assert set(plan.steps) == {"dvae", "reranker", "transformer"}
+  assert set(plan.configs) == {"dvae", "reranker", "transformer"}
   # Guidance mixes in the empty caption's logits: only a model trained on empty captions has them.
   assert plan.guidance == 1.0 or transformer_config.train.caption_dropout > 0
+
+
+# The demo's stage lengths at --steps_scale=1: its configs' num_steps.
+DEMO_STEPS = {"shapes": {"dvae": 1_500, "reranker": 600, "transformer": 1_500},
+              "emoji": {"dvae": 3_000, "reranker": 600, "transformer": 2_000}}
+
+
+@pytest.mark.parametrize("dataset", sorted(DEMO_STEPS))
+def test_stage_lengths_are_the_configs_num_steps_times_the_scale(dataset):
+  plan = demo.PLANS[dataset]
+  num_steps = {stage: config.get_config().train.num_steps for stage, config in plan.configs.items()}
+  assert num_steps == DEMO_STEPS[dataset]
+  assert demo.stage_steps(plan, dict.fromkeys(num_steps, 1.0)) == num_steps
+  scaled = demo.stage_steps(plan, {"dvae": 7.0, "reranker": 4.0, "transformer": 1e-9})
+  assert scaled == {"dvae": 7 * num_steps["dvae"], "reranker": 4 * num_steps["reranker"],
+                    "transformer": 1}
 
 
 def test_shapes_captions_hold_out_first():
@@ -155,9 +166,3 @@ def test_work_dir_refuses_another_datasets_stages(tmp_path):
   demo.check_dataset(work, "emoji")  # resuming the same dataset is fine
   with pytest.raises(app.UsageError, match="holds the emoji demo"):
     demo.check_dataset(work, "shapes")
-  # A demo from before --dataset: no marker, but stages, and those were shapes.
-  legacy = tmp_path / "legacy"
-  (legacy / "dvae").mkdir(parents=True)
-  with pytest.raises(app.UsageError, match="holds the shapes demo"):
-    demo.check_dataset(str(legacy), "emoji")
-  demo.check_dataset(str(legacy), "shapes")
