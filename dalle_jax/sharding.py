@@ -183,7 +183,7 @@ def check_divisible(abstract: Any, shardings: Any) -> None:
       parts = int(np.prod([named.mesh.shape[a] for a in axes], dtype=np.int64))
       if dim % parts:
         problems.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)}: {dim} over "
-                        f"{'x'.join(axes)} = {parts}")
+                        f"{' x '.join(axes)} = {parts}")
   if problems:
     raise ValueError("these arrays do not split evenly over the mesh; change the model's widths "
                      "or the mesh sizes (--config.mesh.*):\n  " + "\n  ".join(problems[:10]))
