@@ -131,13 +131,13 @@ class TrainStep:
   """The compiled train step and its (donated) state: `run()` takes one step and waits for it."""
 
   def __init__(self, model: TransformerConfig, train: TransformerTrainConfig, mesh_axes: dict,
-               results: dict):
+               rules, results: dict):
     mesh = sharding.make_mesh(**mesh_axes)
-    shardings = transformer_training.state_shardings(model, train, mesh)
+    shardings = transformer_training.state_shardings(model, train, mesh, rules)
     self.state = transformer_training.create_sharded_state(model, train, mesh, shardings)
     self.batch = jax.device_put(random_batch(model, train.batch_size, train.seed),
                                 transformer_training.batch_shardings(mesh))
-    step = transformer_training.make_train_step(model, train, mesh, shardings)
+    step = transformer_training.make_train_step(model, train, mesh, shardings, rules)
     start = time.perf_counter()
     # Lowered under the mesh and logical axis rules the step traces with: what training runs.
     self.compiled = step.lower(self.state, self.batch).compile()
@@ -321,7 +321,8 @@ def main(argv):
   _measured(lambda: time.sleep(1.0), results, "before")
   peak_before = _measured(lambda: matmul_peak(sizes, _PEAK_REPEATS.value), results,
                           "peak_before")
-  step = TrainStep(model, train, dict(config.mesh), results)
+  step = TrainStep(model, train, dict(config.mesh), transformer_training.run_rules(config),
+                   results)
   results["step_s"] = _measured(lambda: time_steps(step, _STEPS.value, _WARMUP.value, results),
                                 results, "train_step")
   results["final_loss"] = float(step.metrics["loss"])
