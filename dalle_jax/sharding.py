@@ -2,11 +2,11 @@
 
 The batch is split over `data` and `fsdp` together (FSDP is data parallel with sharded state);
 parameters and optimiser state are split over `fsdp` (and, for the transformer, `tensor`).
-How is the config's to say, stored with the run in config.json:
+The rules come from the run's config and are stored with it in config.json:
   the transformer: `config.sharding_rules`, a table of (logical axis name, mesh axes) pairs
-      (default `TRANSFORMER_RULES`) read through `logical_rules`, which refuses a bad table;
-  the dVAE and the reranker: `config.sharding`, a `StateSharding` (FSDP of every array above a
-      size, or everything replicated).
+      (default `TRANSFORMER_RULES`), checked by `logical_rules`, which refuses a bad table;
+  the dVAE and the reranker: `config.sharding`, read as a `StateSharding` (FSDP of every array
+      of at least `min_size` elements, or everything replicated).
 Everything here returns `NamedSharding`s for `jax.jit(in_shardings=..., out_shardings=...)`.
 """
 
