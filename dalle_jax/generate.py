@@ -146,7 +146,8 @@ class Generator:
     """A `train_transformer.py` run (EMA parameters unless `ema=False`), its tokenizer and dVAE
     (defaults: those its config names; `dvae` as `load_dvae` takes it) and a `train_reranker.py`
     run. With a `mesh` (axes data, fsdp, tensor) the parameters are read straight into the
-    shards training gives them, so a model too large for one device draws across several."""
+    shards training gives them (the run's `sharding_rules`), so a model too large for one device
+    draws across several."""
     try:
       config, params, run_config = transformer_training.load_trained(workdir, step, ema=ema,
                                                                      mesh=mesh)
@@ -164,7 +165,7 @@ class Generator:
                dvae_params, rerank_training.TrainedReranker(reranker) if reranker else None,
                mesh=mesh, run_config=run_config,
                param_shardings=None if mesh is None else transformer_training.param_shardings(
-                   config, mesh))
+                   config, mesh, transformer_training.run_rules(run_config)))
 
   @property
   def text_len(self) -> int:

@@ -2,12 +2,18 @@
 
 The batch is split over `data` and `fsdp` together (FSDP is data parallel with sharded state);
 parameters and optimiser state are split over `fsdp` (and, for the transformer, `tensor`).
+The rules come from the run's config and are stored with it in config.json:
+  the transformer: `config.sharding_rules`, a table of (logical axis name, mesh axes) pairs
+      (default `TRANSFORMER_RULES`), checked by `logical_rules`, which refuses a bad table;
+  the dVAE and the reranker: `config.sharding`, read as a `StateSharding` (FSDP of every array
+      of at least `min_size` elements, or everything replicated).
 Everything here returns `NamedSharding`s for `jax.jit(in_shardings=..., out_shardings=...)`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import dataclasses
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -71,6 +77,39 @@ def fsdp_shardings(tree: Any, mesh: Mesh, min_size: int = MIN_SHARDED_SIZE) -> A
   return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size, min_size)), tree)
 
 
+@dataclasses.dataclass(frozen=True)
+class StateSharding:
+  """How a stage without logical axis names (the dVAE, the reranker) places its train state:
+  `mode="fsdp"` splits each array of at least `min_size` elements over `fsdp` (`fsdp_spec`),
+  `mode="replicated"` keeps a whole copy of every array on every device."""
+  mode: str = "fsdp"
+  min_size: int = MIN_SHARDED_SIZE
+
+  def __post_init__(self):
+    if self.mode not in ("fsdp", "replicated"):
+      raise ValueError(f"config.sharding.mode must be 'fsdp' or 'replicated', got {self.mode!r}")
+    if not isinstance(self.min_size, int) or self.min_size < 0:
+      raise ValueError(f"config.sharding.min_size must be an int >= 0 (arrays with fewer "
+                       f"elements replicate), got {self.min_size!r}")
+
+  @classmethod
+  def from_config(cls, section: Mapping[str, Any] | None) -> StateSharding:
+    """A config's `sharding` section (None or absent fields: the defaults)."""
+    section = dict(section or {})
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - fields)
+    if unknown:
+      raise ValueError(f"config.sharding has no field {unknown}: write "
+                       f"config.sharding = dict(mode='fsdp' or 'replicated', min_size=N)")
+    return cls(**section)
+
+  def shardings(self, tree: Any, mesh: Mesh) -> Any:
+    """`NamedSharding` for every array of `tree` (arrays or ShapeDtypeStructs)."""
+    if self.mode == "replicated":
+      return jax.tree.map(lambda _: replicated(mesh), tree)
+    return fsdp_shardings(tree, mesh, self.min_size)
+
+
 def host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
   """This host's share of a batch -> global arrays split over the mesh (multi-host safe)."""
   return {key: jax.make_array_from_process_local_data(sharding, value)
@@ -96,6 +135,40 @@ TRANSFORMER_RULES = (
     ("act_kv", None),
     ("act_mlp", "tensor"),
 )
+LOGICAL_NAMES = tuple(name for name, _ in TRANSFORMER_RULES)  # every name the transformer uses
+
+
+def logical_rules(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
+  """A config's `sharding_rules` (as written, or read back from config.json with lists for
+  tuples) as the table of tuples that Flax reads; raises ValueError saying what to write when it
+  names an unknown logical axis or mesh axis, or leaves out a name the transformer uses.
+
+  As in Flax, a name may stand twice: the first rule whose mesh axes are still free applies.
+  """
+  table, problems = [], []
+  for rule in rules:
+    if isinstance(rule, str) or len(rule) != 2:
+      problems.append(f"{rule!r} is not a (logical name, mesh axes) pair")
+      continue
+    name, axes = rule
+    if name not in LOGICAL_NAMES:
+      problems.append(f"{name!r} is not a logical axis of the transformer; its names: "
+                      f"{', '.join(LOGICAL_NAMES)}")
+    if axes is not None and not isinstance(axes, str):
+      axes = tuple(axes)
+    named = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    if any(a not in MESH_AXES for a in named):
+      problems.append(f"{name!r} maps to {axes!r}: write None (replicated), one of "
+                      f"{', '.join(MESH_AXES)}, or a tuple of them")
+    table.append((name, axes))
+  missing = [name for name in LOGICAL_NAMES if name not in {n for n, _ in table}]
+  if missing:
+    default = dict(TRANSFORMER_RULES)
+    problems.append("no rule for " + ", ".join(missing) + ": add " + ", ".join(
+        f"({name!r}, {default[name]!r})" for name in missing) + " (the default placement)")
+  if problems:
+    raise ValueError("bad config.sharding_rules:\n  " + "\n  ".join(problems))
+  return tuple(table)
 
 
 def check_divisible(abstract: Any, shardings: Any) -> None:
@@ -111,7 +184,7 @@ def check_divisible(abstract: Any, shardings: Any) -> None:
       parts = int(np.prod([named.mesh.shape[a] for a in axes], dtype=np.int64))
       if dim % parts:
         problems.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)}: {dim} over "
-                        f"{'x'.join(axes)} = {parts}")
+                        f"{' x '.join(axes)} = {parts}")
   if problems:
     raise ValueError("these arrays do not split evenly over the mesh; change the model's widths "
                      "or the mesh sizes (--config.mesh.*):\n  " + "\n  ".join(problems[:10]))

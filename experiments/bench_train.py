@@ -32,7 +32,6 @@ import tempfile
 import time
 
 from absl import app, flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -136,19 +135,16 @@ class TrainStep:
   """The compiled train step and its (donated) state: `run()` takes one step and waits for it."""
 
   def __init__(self, model: TransformerConfig, train: TransformerTrainConfig, mesh_axes: dict,
-               results: dict):
+               rules, results: dict):
     mesh = sharding.make_mesh(**mesh_axes)
-    shardings = transformer_training.state_shardings(model, train, mesh)
+    shardings = transformer_training.state_shardings(model, train, mesh, rules)
     self.state = transformer_training.create_sharded_state(model, train, mesh, shardings)
     self.batch = jax.device_put(random_batch(model, train.batch_size, train.seed),
                                 transformer_training.batch_shardings(mesh))
-    step = transformer_training.make_train_step(model, train, mesh, shardings)
+    step = transformer_training.make_train_step(model, train, mesh, shardings, rules)
     start = time.perf_counter()
-    # make_train_step wraps its jitted function (functools.wraps) to trace it under the mesh and
-    # the logical axis rules; lowering under the same context compiles exactly what training runs.
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.TRANSFORMER_RULES):
-      lowered = step.__wrapped__.lower(self.state, self.batch)
-    self.compiled = lowered.compile()
+    # Lowered under the mesh and logical axis rules the step traces with: what training runs.
+    self.compiled = step.lower(self.state, self.batch).compile()
     results["compile_s"] = time.perf_counter() - start
     results["xla_flops"] = bench_util.xla_flops(self.compiled)
     self.metrics = None
@@ -329,7 +325,8 @@ def main(argv):
   _measured(lambda: time.sleep(1.0), results, "before")
   peak_before = _measured(lambda: matmul_peak(sizes, _PEAK_REPEATS.value), results,
                           "peak_before")
-  step = TrainStep(model, train, dict(config.mesh), results)
+  step = TrainStep(model, train, dict(config.mesh), transformer_training.run_rules(config),
+                   results)
   results["step_s"] = _measured(lambda: time_steps(step, _STEPS.value, _WARMUP.value, results),
                                 results, "train_step")
   results["final_loss"] = float(step.metrics["loss"])

@@ -27,6 +27,7 @@ from PIL import Image
 from dalle_jax import generate, image_grid, sharding
 from dalle_jax.scaling import fit_check
 from dalle_jax.train.checkpointing import read_run_config
+from dalle_jax.transformer import training as transformer_training
 from dalle_jax.transformer.model import TransformerConfig
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A train_transformer.py workdir.",
@@ -114,9 +115,15 @@ def draw_and_write() -> None:
   check_flags()
   candidates = _RERANK.value or _NUM_SAMPLES.value
   split = dict(data=-1, fsdp=_FSDP.value, tensor=_TENSOR.value)
-  fit_check.at_launch(_FIT_CHECK, lambda target: fit_check.transformer_sampling(
-      TransformerConfig(**read_run_config(_CHECKPOINT.value, "train_transformer.py")["model"]),
-      split, target, min(_BATCH_SIZE.value, len(prompts) * candidates), _GUIDANCE.value != 1.0))
+
+  def fit(target):  # the run's model, placed by its own sharding rules
+    run = read_run_config(_CHECKPOINT.value, "train_transformer.py")
+    return fit_check.transformer_sampling(
+        TransformerConfig(**run["model"]), split, target,
+        min(_BATCH_SIZE.value, len(prompts) * candidates), _GUIDANCE.value != 1.0,
+        transformer_training.run_rules(run))
+
+  fit_check.at_launch(_FIT_CHECK, fit)
   prime, prime_name = None, f"--prime_image {_PRIME_IMAGE.value}"
   if _PRIME_IMAGE.value:  # read before the models load: a bad file fails at once
     prime = generate.load_image(_PRIME_IMAGE.value, "--prime_image")

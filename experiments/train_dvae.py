@@ -46,8 +46,9 @@ def main(argv):
   # ---------------------------------------------------------------- config, refused before compiling
   model = dvae.DVAEConfig(**config.model)
   train = dvae_training.DVAETrainConfig(**config.train)
+  placement = sharding.StateSharding.from_config(config.get("sharding"))
   fit_check.at_launch(_FIT_CHECK, lambda target: fit_check.dvae_train(
-      model, train, dict(config.mesh), target))
+      model, train, dict(config.mesh), target, placement))
   launch.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   workdir = _WORKDIR.value
   launch.prepare_workdir(workdir, config.to_dict())
@@ -78,7 +79,7 @@ def main(argv):
     eval_batches = [b for b, _ in zip(eval_loader, range(config.data.eval_batches))]
 
   # ---------------------------------------------------------------- model, optimiser, sharding
-  shardings = dvae_training.state_shardings(model, train, mesh)
+  shardings = dvae_training.state_shardings(model, train, mesh, placement)
   state, extras, checkpointer, log = launch.open_run(
       workdir, config, lambda rng: dvae_training.init_state(model, train, rng),
       lambda: dvae_training.create_sharded_state(model, train, mesh, shardings), shardings)

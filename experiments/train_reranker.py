@@ -64,8 +64,9 @@ def main(argv):
   # -------------------------------------------------------------- config, refused before compiling
   model = rerank.RerankerConfig(**config.model)
   train = rerank_training.RerankerTrainConfig(**config.train)
+  placement = sharding.StateSharding.from_config(config.get("sharding"))
   fit_check.at_launch(_FIT_CHECK, lambda target: fit_check.reranker_train(
-      model, train, dict(config.mesh), target))
+      model, train, dict(config.mesh), target, placement))
   if not config.data.tokenizer_dir:
     raise ValueError("set --config.data.tokenizer_dir (train_tokenizer.py's output)")
   tokenizer = tokenizer_lib.Tokenizer.load(config.data.tokenizer_dir)
@@ -104,7 +105,7 @@ def main(argv):
     eval_batches = [b for b, _ in zip(eval_loader, range(config.data.eval_batches))]
 
   # ---------------------------------------------------------------- model, optimiser, sharding
-  shardings = rerank_training.state_shardings(model, train, mesh)
+  shardings = rerank_training.state_shardings(model, train, mesh, placement)
   state, extras, checkpointer, log = launch.open_run(
       workdir, config, lambda rng: rerank_training.init_state(model, train, rng),
       lambda: rerank_training.create_sharded_state(model, train, mesh, shardings), shardings)

@@ -96,8 +96,9 @@ def main(argv):
   # ---------------------------------------------------------------- config, refused before compiling
   model = TransformerConfig(**config.model)
   train = TransformerTrainConfig(**config.train)
+  rules = transformer_training.run_rules(config)  # the logical axes' placement
   fit_check.at_launch(_FIT_CHECK, lambda target: fit_check.transformer_train(
-      model, train, dict(config.mesh), target))
+      model, train, dict(config.mesh), target, rules))
   if not config.data.codes_dir or not config.data.tokenizer_dir:
     raise ValueError("set --config.data.codes_dir (encode_dataset.py's output) and "
                      "--config.data.tokenizer_dir (train_tokenizer.py's output)")
@@ -130,7 +131,7 @@ def main(argv):
     eval_batches = [b for b, _ in zip(eval_iter, range(config.data.eval_batches))]
 
   # ---------------------------------------------------------------- model, optimiser, sharding
-  shardings = transformer_training.state_shardings(model, train, mesh)
+  shardings = transformer_training.state_shardings(model, train, mesh, rules)
   state, extras, checkpointer, log = launch.open_run(
       workdir, config, lambda rng: transformer_training.init_state(model, train, rng),
       lambda: transformer_training.create_sharded_state(model, train, mesh, shardings), shardings)
@@ -139,8 +140,8 @@ def main(argv):
   elif config.init_from:
     state = finetune.init_from(state, config.init_from)
   start = int(state.step)
-  train_step = transformer_training.make_train_step(model, train, mesh, shardings)
-  eval_step = transformer_training.make_eval_step(model, mesh, shardings.params)
+  train_step = transformer_training.make_train_step(model, train, mesh, shardings, rules)
+  eval_step = transformer_training.make_eval_step(model, mesh, shardings.params, rules)
   events = tensorboard_writer.EventLog(os.path.join(workdir, "tensorboard"),
                                 resume_step=None if extras is None else start,
                                 enabled=jax.process_index() == 0)

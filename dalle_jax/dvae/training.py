@@ -1,7 +1,9 @@
 """Training the dVAE: the paper's schedules and optimiser, the train state, and the sharded step.
 
-    state = init_state(...)                       # sharded on the mesh as `state_shardings` says
-    step = make_train_step(model, train, mesh, state_shardings)
+    placement = sharding.StateSharding.from_config(config.sharding)   # FSDP or replicated
+    shardings = state_shardings(model, train, mesh, placement)
+    state = create_sharded_state(model, train, mesh, shardings)
+    step = make_train_step(model, train, mesh, shardings)
     state, metrics = step(state, images)          # images uint8[batch, H, W, 3], split over the batch
 
 The Gumbel noise of step t comes from `fold_in(state.rng, t)`; non-finite steps are skipped and
@@ -108,10 +110,11 @@ def init_state(model: dvae.DVAEConfig, train: DVAETrainConfig, rng: jax.Array,
 
 
 def state_shardings(model: dvae.DVAEConfig, train: DVAETrainConfig, mesh,
-                    min_size: int = sharding.MIN_SHARDED_SIZE) -> TrainState:
-  """FSDP placement of every array of the train state (shape-only trace, nothing allocated)."""
+                    placement: sharding.StateSharding = sharding.StateSharding()) -> TrainState:
+  """Placement of every array of the train state as the config's `sharding` section says
+  (`placement`; shape-only trace, nothing allocated)."""
   abstract = jax.eval_shape(functools.partial(init_state, model, train), jax.random.key(0))
-  return sharding.fsdp_shardings(abstract, mesh, min_size)
+  return placement.shardings(abstract, mesh)
 
 
 def create_sharded_state(model: dvae.DVAEConfig, train: DVAETrainConfig, mesh,

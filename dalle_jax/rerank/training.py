@@ -2,6 +2,7 @@
 like the other stages, and reading a finished `train_reranker.py` run back.
 
     train = RerankerTrainConfig(num_steps=2_000)
+    shardings = state_shardings(config, train, mesh, sharding.StateSharding.from_config(...))
     state = create_sharded_state(config, train, mesh, shardings)
     step = make_train_step(config, train, mesh, shardings)       # (state, images, text) -> ...
     reranker = TrainedReranker(workdir)         # scores images against captions, its own tokenizer
@@ -82,10 +83,12 @@ def init_state(config: RerankerConfig, train: RerankerTrainConfig, rng: jax.Arra
   return train_state.create(init(config, init_rng), make_optimizer(train), train_rng)
 
 
-def state_shardings(config: RerankerConfig, train: RerankerTrainConfig, mesh) -> TrainState:
-  """FSDP placement of the train state (shape-only trace); small arrays stay replicated."""
+def state_shardings(config: RerankerConfig, train: RerankerTrainConfig, mesh,
+                    placement: sharding.StateSharding = sharding.StateSharding()) -> TrainState:
+  """Placement of the train state as the config's `sharding` section says (`placement`;
+  shape-only trace)."""
   abstract = jax.eval_shape(functools.partial(init_state, config, train), jax.random.key(0))
-  return sharding.fsdp_shardings(abstract, mesh)
+  return placement.shardings(abstract, mesh)
 
 
 def create_sharded_state(config: RerankerConfig, train: RerankerTrainConfig, mesh,

@@ -32,7 +32,7 @@ from absl import flags
 from dalle_jax import sharding
 from dalle_jax.train import checkpointing
 from dalle_jax.dvae import training as dvae_training
-from dalle_jax.rerank import model as rerank
+from dalle_jax.rerank import training as rerank_training
 from dalle_jax.transformer import sampling, model as transformer, training as transformer_training
 
 GIB = 2 ** 30
@@ -262,12 +262,11 @@ def _hints(mesh, state_gib: float, batch_flag: str, remat: bool | None) -> tuple
 
 
 # ---------------------------------------------------------------- the launches' programs
-def _train_step(stage, model, train, mesh, target: Target, inputs: tuple, *, what: str,
-                items_per_call: int, item_name: str, remat: bool | None = None) -> FitReport:
-  """A stage's own `make_train_step` (`stage`: its module, with `state_shardings`,
-  `make_train_step` and `init_state`) on abstract inputs placed on the slice's mesh."""
-  shardings = stage.state_shardings(model, train, mesh)
-  step = stage.make_train_step(model, train, mesh, shardings)
+def _train_step(stage, model, train, mesh, shardings, step, target: Target, inputs: tuple, *,
+                what: str, items_per_call: int, item_name: str,
+                remat: bool | None = None) -> FitReport:
+  """A stage's own train `step` (its `make_train_step`, with the state placed by `shardings`:
+  `stage` is its module, with `init_state`) on abstract inputs placed on the slice's mesh."""
   state = _abstract(jax.eval_shape(functools.partial(stage.init_state, model, train),
                                    jax.random.key(0)), shardings)
   stored = (state.params, state.opt_state, state.ema_params)
@@ -280,46 +279,56 @@ def _batch(mesh, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh))
 
 
-def transformer_train(model, train, mesh_config: dict[str, int], target: Target) -> FitReport:
-  """`train_transformer.py`'s step (the same `make_train_step`) on the slice."""
+def transformer_train(model, train, mesh_config: dict[str, int], target: Target,
+                      rules=sharding.TRANSFORMER_RULES) -> FitReport:
+  """`train_transformer.py`'s step (the same `make_train_step`, placed by the config's `rules`)
+  on the slice."""
   mesh = _mesh(mesh_config, target)
+  shardings = transformer_training.state_shardings(model, train, mesh, rules)
+  step = transformer_training.make_train_step(model, train, mesh, shardings, rules)
   b = train.batch_size
   batch = {"text": _batch(mesh, (b, model.text_len), jnp.int32),
            "codes": _batch(mesh, (b, model.image_size, model.image_size), jnp.int32)}
-  report = _train_step(transformer_training, model, train, mesh, target, (batch,),
+  report = _train_step(transformer_training, model, train, mesh, shardings, step, target, (batch,),
                        what="transformer train step", items_per_call=b * model.seq_len,
                        item_name="tokens", remat=model.remat)
   return dataclasses.replace(report, model_flops=transformer_flops(model, b) / target.chips)
 
 
-def dvae_train(model, train, mesh_config: dict[str, int], target: Target) -> FitReport:
-  """`train_dvae.py`'s step on the slice."""
+def dvae_train(model, train, mesh_config: dict[str, int], target: Target,
+               placement: sharding.StateSharding = sharding.StateSharding()) -> FitReport:
+  """`train_dvae.py`'s step on the slice, its state placed as the config's `placement` says."""
   mesh = _mesh(mesh_config, target)
+  shardings = dvae_training.state_shardings(model, train, mesh, placement)
+  step = dvae_training.make_train_step(model, train, mesh, shardings)
   images = _batch(mesh, (train.batch_size, model.resolution, model.resolution, 3), jnp.uint8)
-  return _train_step(dvae_training, model, train, mesh, target, (images,),
+  return _train_step(dvae_training, model, train, mesh, shardings, step, target, (images,),
                      what="dVAE train step", items_per_call=train.batch_size,
                      item_name="images")
 
 
-def reranker_train(model, train, mesh_config: dict[str, int], target: Target) -> FitReport:
-  """`train_reranker.py`'s step on the slice."""
+def reranker_train(model, train, mesh_config: dict[str, int], target: Target,
+                   placement: sharding.StateSharding = sharding.StateSharding()) -> FitReport:
+  """`train_reranker.py`'s step on the slice, its state placed as the config's `placement` says."""
   mesh = _mesh(mesh_config, target)
+  shardings = rerank_training.state_shardings(model, train, mesh, placement)
+  step = rerank_training.make_train_step(model, train, mesh, shardings)
   b = train.batch_size
   inputs = (_batch(mesh, (b, model.resolution, model.resolution, 3), jnp.uint8),
             _batch(mesh, (b, model.text_len), jnp.int32))
-  return _train_step(rerank, model, train, mesh, target, inputs, what="reranker train step",
-                     items_per_call=b, item_name="images")
+  return _train_step(rerank_training, model, train, mesh, shardings, step, target, inputs,
+                     what="reranker train step", items_per_call=b, item_name="images")
 
 
 def transformer_sampling(model, mesh_config: dict[str, int], target: Target, batch: int,
-                         guided: bool = False) -> FitReport:
-  """`sample.py`'s sampler (codes only) with the parameters placed by the training rules.
+                         guided: bool = False, rules=sharding.TRANSFORMER_RULES) -> FitReport:
+  """`sample.py`'s sampler (codes only) with the parameters placed by the run's training `rules`.
 
   Its bound: every decode step reads each chip's share of the parameters at least once, so a
   step takes at least those bytes over the chip's HBM bandwidth; image tokens/s = batch / that.
   """
   mesh = _mesh(mesh_config, target)
-  param_shardings = transformer_training.param_shardings(model, mesh)
+  param_shardings = transformer_training.param_shardings(model, mesh, rules)
   params = _abstract(nn.unbox(transformer.abstract_params(model)), param_shardings)
   sample = sampling.make_sampler(model, None, mesh, guided=guided,
                                  param_shardings=param_shardings)

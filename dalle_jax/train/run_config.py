@@ -2,8 +2,8 @@
 
 Fields that shape the model, the optimiser's state or the data must match `workdir/config.json`:
 a checkpoint continued under others would fail to restore, or worse, continue silently as another
-experiment. The fields in `MAY_CHANGE` (run length, learning-rate schedule, intervals, mesh,
-evaluation) may change; each change is appended to `workdir/config_history.jsonl`.
+experiment. The fields in `MAY_CHANGE` (run length, learning-rate schedule, intervals, mesh and
+sharding, evaluation) may change; each change is appended to `workdir/config_history.jsonl`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ MAY_CHANGE = frozenset({
     "checkpoint_every", "keep_checkpoints", "keep_snapshots",
     "init_from",  # read only when a run starts fresh
     "mesh",  # checkpoints restore onto any mesh
+    # Placement only: checkpoints restore onto any sharding, so a resumed run may place its
+    # state otherwise (the transformer's logical axis rules, the dVAE's and reranker's section).
+    "sharding_rules", "sharding",
     "train.num_steps", "train.learning_rate", "train.final_learning_rate", "train.warmup_steps",
     "train.lr_warmup_steps", "train.lr_decay_steps", "train.plateau_patience",
     "train.grad_accum_steps", "train.clip_norm", "train.on_nonfinite",

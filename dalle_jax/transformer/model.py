@@ -11,7 +11,8 @@ masks in `dalle_jax.transformer.masks`. Position i predicts token i+1, so text p
 context only and the last position's output is not used.
 
 Every parameter and the main activations carry logical axis names (`embed`, `heads`, `mlp`,
-`vocab`, `batch`, ...); `dalle_jax.sharding.TRANSFORMER_RULES` maps them onto the mesh.
+`vocab`, `batch`, ...); the config's `sharding_rules` (by default
+`dalle_jax.sharding.TRANSFORMER_RULES`) map them onto the mesh.
 """
 
 from __future__ import annotations

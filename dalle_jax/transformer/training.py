@@ -5,8 +5,9 @@
     step = make_train_step(model, train, mesh, shardings)
     state, metrics = step(state, {"text": int32[B, T], "codes": int32[B, H, W]})
 
-Parameters, optimiser state and EMA are placed by `sharding.TRANSFORMER_RULES` (FSDP over `fsdp`,
-heads and MLP over `tensor`); the batch is split over `data` x `fsdp`. Dropout and caption dropout
+Parameters, optimiser state and EMA are placed by the config's logical axis rules (`rules`:
+`config.sharding_rules`, by default `sharding.TRANSFORMER_RULES`: FSDP over `fsdp`, heads and MLP
+over `tensor`); the batch is split over `data` x `fsdp`. Dropout and caption dropout
 of step t use `fold_in(rng, t)`, so a resumed run draws what an uninterrupted one would.
 """
 
@@ -113,6 +114,7 @@ def state_shardings(model: TransformerConfig, train: TransformerTrainConfig, mes
 
   Raises ValueError (before any compile) when an axis would not split evenly over the mesh.
   """
+  rules = sharding.logical_rules(rules)
   param_specs = nn.get_partition_spec(transformer.abstract_params(model))
   abstract = jax.eval_shape(functools.partial(init_state, model, train), jax.random.key(0))
   opt_specs = optax.tree_map_params(make_optimizer(train), lambda _, spec: spec,
@@ -131,7 +133,8 @@ def param_shardings(model: TransformerConfig, mesh, rules=sharding.TRANSFORMER_R
   Raises ValueError (before any compile) when an axis would not split evenly over the mesh.
   """
   abstract = transformer.abstract_params(model)
-  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh,
+                                          sharding.logical_rules(rules))
   sharding.check_divisible(nn.unbox(abstract), shardings)
   return shardings
 
@@ -211,6 +214,8 @@ def batch_shardings(mesh) -> dict[str, NamedSharding]:
 def _in_mesh_context(fn, mesh, rules):
   """Runs (and so traces) `fn` with the mesh and logical rules that the model's activation
   constraints read."""
+  rules = sharding.logical_rules(rules)
+
   @functools.wraps(fn)
   def run(*args):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -243,14 +248,21 @@ def make_eval_step(model: TransformerConfig, mesh, param_shardings: Any,
   return _in_mesh_context(step, mesh, rules)
 
 
+def run_rules(run_config: dict) -> tuple:
+  """The logical axis rules of a run's config (`sharding_rules`; the default table where a config
+  predates the field), checked."""
+  return sharding.logical_rules(run_config.get("sharding_rules", sharding.TRANSFORMER_RULES))
+
+
 def load_trained(workdir: str, step: int | None = None, ema: bool = True, mesh=None,
-                 rules=sharding.TRANSFORMER_RULES) -> tuple[TransformerConfig, Any, dict]:
+                 rules=None) -> tuple[TransformerConfig, Any, dict]:
   """The transformer of a `train_transformer.py` run: its config, parameters (EMA by default) and
   the run's whole config dict (which names the tokenizer and data).
 
   Only those parameters are read from the checkpoint (not the optimiser state nor the other
   copy). Without a `mesh` they land on one device; with one they are split as training splits
-  them (`rules`), so a model too large for one device loads across several.
+  them (`rules`, default: the run's own from its config.json), so a model too large for one
+  device loads across several.
 
   Raises FileNotFoundError when `workdir` holds no config.json or no complete checkpoint, and
   ValueError when the checkpoint does not match the config.
@@ -261,7 +273,7 @@ def load_trained(workdir: str, step: int | None = None, ema: bool = True, mesh=N
     placement = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: placement, nn.unbox(transformer.abstract_params(model)))
   else:
-    shardings = param_shardings(model, mesh, rules)
+    shardings = param_shardings(model, mesh, run_rules(run_config) if rules is None else rules)
   abstract = checkpointing.abstract_like(nn.unbox(transformer.abstract_params(model)), shardings)
   name = "ema_params" if ema else "params"
   restored = checkpointing.restore_items(workdir, {name: abstract}, step)

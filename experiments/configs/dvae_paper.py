@@ -25,6 +25,7 @@ def get_config():
   config.data = dict(dataset="webdataset", path="", split="train", crop="dvae", num_examples=0,
                      num_workers=16, eval_split="", eval_batches=8)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.sharding = dict(mode="fsdp", min_size=2 ** 14)  # small arrays whole: splitting costs more
   config.log_every = 100
   config.image_every = 5_000
   config.eval_every = 10_000

@@ -39,6 +39,7 @@ def get_config():
   config.data = dict(dataset="shapes", path="", split="train", crop="center",
                      num_examples=20_000, num_workers=0, eval_split="heldout", eval_batches=4)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.sharding = dict(mode="fsdp", min_size=2 ** 14)  # small arrays whole: splitting costs more
   config.log_every = 25
   config.image_every = 500
   config.eval_every = 500

@@ -22,6 +22,7 @@ def get_config():
   config.data = dict(dataset="shapes", path="", split="train", crop="center", num_examples=256,
                      num_workers=0, eval_split="heldout", eval_batches=1)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.sharding = dict(mode="fsdp", min_size=2 ** 14)  # small arrays whole: splitting costs more
   config.log_every = 1
   config.image_every = 4
   config.eval_every = 4

@@ -30,6 +30,7 @@ def get_config():
                      num_examples=200_000, num_workers=0, tokenizer_dir="", bpe_dropout=True,
                      eval_split="heldout", eval_batches=4)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.sharding = dict(mode="fsdp", min_size=2 ** 14)  # small arrays whole: splitting costs more
   config.log_every = 25
   config.eval_every = 500
   config.checkpoint_every = 500

@@ -11,6 +11,7 @@ the dense decode step, 4,432 through the block-sparse one.
 
 import ml_collections
 
+from dalle_jax import sharding
 from dalle_jax.train import launch
 from dalle_jax.transformer import training as transformer_training
 
@@ -27,6 +28,7 @@ def get_config():
   config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", dvae_workdir="",
                      eval_batches=4)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.sharding_rules = sharding.TRANSFORMER_RULES  # FSDP over embed, Megatron over heads
   config.log_every = 25
   config.eval_every = 500
   config.sample_every = 500  # needs data.dvae_workdir

@@ -11,6 +11,7 @@ Expected (the fit check, compiled on a CPU host): on 128 v5p chips as fsdp 64 x 
 
 import ml_collections
 
+from dalle_jax import sharding
 from dalle_jax.train import launch
 from dalle_jax.transformer import training as transformer_training
 
@@ -31,6 +32,7 @@ def get_config():
                      eval_batches=16)
   # 62 heads split only 2 or 31 ways: FSDP carries most of the split.
   config.mesh = dict(data=-1, fsdp=64, tensor=2)
+  config.sharding_rules = sharding.TRANSFORMER_RULES  # FSDP over embed, Megatron over heads
   config.log_every = 100
   config.eval_every = 5_000
   config.sample_every = 5_000  # needs data.dvae_workdir

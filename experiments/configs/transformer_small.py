@@ -12,6 +12,7 @@ about 6 minutes, image-token loss 0.714 train and 0.700 held-out (the codes' uni
 
 import ml_collections
 
+from dalle_jax import sharding
 from dalle_jax.train import launch
 from dalle_jax.transformer import training as transformer_training
 
@@ -31,6 +32,7 @@ def get_config():
   config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", dvae_workdir="",
                      eval_batches=8)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.sharding_rules = sharding.TRANSFORMER_RULES  # FSDP over embed, Megatron over heads
   config.log_every = 25
   config.eval_every = 500
   config.sample_every = 500  # needs data.dvae_workdir

@@ -10,6 +10,7 @@ checkpoints, resuming, sharding and multi-host runs (tests/experiments/test_trai
 
 import ml_collections
 
+from dalle_jax import sharding
 from dalle_jax.train import launch
 from dalle_jax.transformer import training as transformer_training
 
@@ -27,6 +28,7 @@ def get_config():
   config.data = dict(codes_dir="", eval_codes_dir="", tokenizer_dir="", dvae_workdir="",
                      eval_batches=1)
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.sharding_rules = sharding.TRANSFORMER_RULES  # FSDP over embed, Megatron over heads
   config.log_every = 1
   config.eval_every = 4
   config.sample_every = 4  # needs data.dvae_workdir

@@ -15,6 +15,7 @@ MODEL = dvae.DVAEConfig(resolution=16, group_count=3, n_hid=16, n_blk_per_group=
                         vocab_size=32)
 TRAIN = dvae_training.DVAETrainConfig(batch_size=8, learning_rate=3e-3, schedule_scale=1e-3,
                                       ema_decay=0.5)
+EVERY_ARRAY = sharding.StateSharding(min_size=0)  # the tiny model's arrays split too
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def state():
 def one_device():
   """The compiled step on a one-device mesh, shared by the tests below."""
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  shardings = dvae_training.state_shardings(MODEL, TRAIN, mesh, 0)
+  shardings = dvae_training.state_shardings(MODEL, TRAIN, mesh, EVERY_ARRAY)
   return mesh, shardings, dvae_training.make_train_step(MODEL, TRAIN, mesh, shardings)
 
 
@@ -57,7 +58,7 @@ def test_sharded_steps_equal_the_single_device_step(state, batches, one_device):
   reference, reference_losses = _run(state, batches, *one_device)
   for shape in ({"data": 2, "fsdp": 4},):
     mesh = sharding.make_mesh(**shape)
-    shardings = dvae_training.state_shardings(MODEL, TRAIN, mesh, 0)
+    shardings = dvae_training.state_shardings(MODEL, TRAIN, mesh, EVERY_ARRAY)
     step = dvae_training.make_train_step(MODEL, TRAIN, mesh, shardings)
     sharded, losses = _run(state, batches, mesh, shardings, step)
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
@@ -107,11 +108,28 @@ def test_bad_training_configs_are_refused():
     dvae_training.DVAETrainConfig(decoder_finetune_fraction=1.0)
 
 
+def test_the_configs_sharding_section_places_the_state():
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  kernel = lambda tree: tree.params["encoder"]["group_3_block_1"]["res_path_conv_2"]["w"]
+  split = dvae_training.state_shardings(MODEL, TRAIN, mesh, EVERY_ARRAY)
+  assert kernel(split).spec == jax.sharding.PartitionSpec(None, None, "fsdp", None)
+  # The default keeps this 2,304-element kernel whole (under 2**14 elements).
+  assert kernel(dvae_training.state_shardings(MODEL, TRAIN, mesh)).spec == jax.sharding.PartitionSpec()
+  placement = sharding.StateSharding.from_config(dict(mode="replicated", min_size=0))
+  state = dvae_training.create_sharded_state(
+      MODEL, TRAIN, mesh, dvae_training.state_shardings(MODEL, TRAIN, mesh, placement))
+  assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state))
+  with pytest.raises(ValueError, match="'fsdp' or 'replicated'"):
+    sharding.StateSharding.from_config(dict(mode="zero3"))
+  with pytest.raises(ValueError, match="no field"):
+    sharding.StateSharding.from_config(dict(min_sise=0))
+
+
 def test_the_decoder_only_last_phase_freezes_the_encoder_and_trains_the_decoder(state, batches):
   train = dataclasses.replace(TRAIN, num_steps=4, decoder_finetune_fraction=0.5)
   assert train.finetune_start() == 2
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  shardings = dvae_training.state_shardings(MODEL, train, mesh, 0)
+  shardings = dvae_training.state_shardings(MODEL, train, mesh, EVERY_ARRAY)
   step = dvae_training.make_train_step(MODEL, train, mesh, shardings)
   states = [jax.device_get(state)]
   current = _placed(state, shardings)

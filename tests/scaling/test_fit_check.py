@@ -7,13 +7,15 @@ import sys
 
 import pytest
 
+from dalle_jax import sharding
+from dalle_jax.rerank import model as rerank, training as rerank_training
 from dalle_jax.scaling import fit_check
 from dalle_jax.transformer import model as transformer
 from dalle_jax.transformer.model import TransformerConfig
 from dalle_jax.transformer.training import TransformerTrainConfig
 
 from conftest import REPO
-from experiments.configs import transformer_tiny
+from experiments.configs import reranker_tiny, transformer_tiny
 
 
 def test_tiny_train_step_compiles_for_v5e_with_splash_kernels():
@@ -42,6 +44,17 @@ def test_tiny_train_step_compiles_for_v5e_with_splash_kernels():
   assert report.items_per_s_bound == pytest.approx(report.items_per_call / expected_s)
   text = report.describe()
   assert "fits" in text and "splash_mha_fwd_residuals" in text and "upper bound" in text
+
+
+def test_the_reranker_step_compiles_placed_as_its_config_says():
+  config = reranker_tiny.get_config()
+  model = rerank.RerankerConfig(**config.model)
+  train = rerank_training.RerankerTrainConfig(**config.train)
+  check = lambda placement: fit_check.reranker_train(
+      model, train, dict(data=1, fsdp=4, tensor=1), fit_check.Target.parse("v5e:2x2"), placement)
+  split = check(sharding.StateSharding(min_size=0))
+  whole = check(sharding.StateSharding(mode="replicated"))
+  assert whole.state_bytes > 2 * split.state_bytes  # most arrays split 4 ways
 
 
 def test_launch_refuses_a_step_that_does_not_fit(tmp_path):

@@ -3,6 +3,7 @@ splits them, and sampling across 8 simulated devices draws what one device draws
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -83,3 +84,15 @@ def test_sharded_sampling_equals_one_device(workdir):
   assert codes.sharding.spec == sharding.batch_sharding(mesh).spec
   np.testing.assert_array_equal(np.asarray(codes), np.asarray(expected))
   assert len(np.unique(np.asarray(expected))) > 4  # real draws, not a constant
+
+
+def test_a_run_loads_with_the_sharding_rules_it_stored(workdir, tmp_path):
+  root, _ = workdir
+  shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+  rules = [[name, None if name == "embed" else axes] for name, axes in sharding.TRANSFORMER_RULES]
+  with open(tmp_path / "config.json", "w") as f:  # as JSON stores the tuples: lists
+    json.dump({"model": MODEL, "train": TRAIN, "data": {}, "sharding_rules": rules}, f)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
+  _, params, _ = transformer_training.load_trained(str(tmp_path), mesh=mesh)
+  qkv = params["block_0"]["attention"]["qkv"]["kernel"]
+  assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)

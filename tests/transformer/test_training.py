@@ -104,6 +104,23 @@ def test_placement_follows_the_rules():
   assert mu.addressable_shards[0].data.shape == (16, 64)
 
 
+def test_the_configs_rules_place_the_state_and_a_bad_table_is_refused():
+  mesh = _mesh(2, 2, 2)
+  rules = tuple((name, None if name == "embed" else axes)
+                for name, axes in sharding.TRANSFORMER_RULES)
+  shardings = tt.state_shardings(MODEL, TRAIN, mesh, rules)
+  state = tt.create_sharded_state(MODEL, TRAIN, mesh, shardings)
+  assert state.params["text_embedding"].sharding.is_fully_replicated  # (vocab, embed): whole
+  assert state.params["block_0"]["mlp"]["wi"]["kernel"].sharding.spec == P(None, "tensor")
+  assert state.opt_state[1][0].mu["image_head"]["kernel"].sharding.spec == P(None, "tensor")
+  typo = (("embed", "fdsp"),) + rules[1:]
+  with pytest.raises(ValueError, match="'embed' maps to 'fdsp'"):
+    tt.state_shardings(MODEL, TRAIN, mesh, typo)
+  with pytest.raises(ValueError, match=r"no rule for vocab: add \('vocab', 'tensor'\)"):
+    tt.make_train_step(MODEL, TRAIN, mesh, shardings,
+                       [rule for rule in rules if rule[0] != "vocab"])
+
+
 def test_indivisible_placement_is_refused_before_compiling():
   with pytest.raises(ValueError, match=r"heads|do not split evenly"):
     tt.state_shardings(dataclasses.replace(MODEL, heads=3), TRAIN, _mesh(1, 1, 2))
