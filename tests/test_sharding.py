@@ -31,7 +31,7 @@ def test_make_mesh_fills_data_with_the_devices_left(axes, sizes):
 def test_make_mesh_refuses_sizes_that_do_not_use_the_devices():
   with pytest.raises(ValueError, match="fsdp=3 x tensor=1 does not divide 8 devices"):
     sharding.make_mesh(fsdp=3)
-  with pytest.raises(ValueError, match="must use exactly the 8 devices; set --mesh_data=-1"):
+  with pytest.raises(ValueError, match="must use exactly the 8 devices; set --config.mesh.data=-1"):
     sharding.make_mesh(data=2, fsdp=2)
 
 

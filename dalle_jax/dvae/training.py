@@ -1,9 +1,9 @@
 """Training the dVAE: the paper's schedules and optimiser, the train state, and the sharded step.
 
-    placement = sharding.StateSharding.from_config(config.sharding)   # FSDP or replicated
-    shardings = state_shardings(model, train, mesh, placement)
-    state = create_sharded_state(model, train, mesh, shardings)
-    step = make_train_step(model, train, mesh, shardings)
+    placement = sharding.StateSharding()      # FSDP (or .from_config(a config file's `sharding`))
+    shardings = state_shardings(config, train, mesh, placement)
+    state = create_sharded_state(config, train, mesh, shardings)
+    step = make_train_step(config, train, mesh, shardings)
     state, metrics = step(state, images)          # images uint8[batch, H, W, 3], split over the batch
 
 The Gumbel noise of step t comes from `fold_in(state.rng, t)`; non-finite steps are skipped and
@@ -100,31 +100,31 @@ def make_optimizer(train: DVAETrainConfig) -> optax.GradientTransformation:
                      mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
 
 
-def init_state(model: dvae.DVAEConfig, train: DVAETrainConfig, rng: jax.Array,
+def init_state(config: dvae.DVAEConfig, train: DVAETrainConfig, rng: jax.Array,
                params: Any | None = None) -> TrainState:
   """A fresh state (new parameters unless `params` is given, e.g. converted OpenAI weights)."""
   init_rng, train_rng = jax.random.split(rng)
   if params is None:
-    params = dvae.init(model, init_rng)
+    params = dvae.init(config, init_rng)
   return train_state.create(params, make_optimizer(train), train_rng)
 
 
-def state_shardings(model: dvae.DVAEConfig, train: DVAETrainConfig, mesh,
+def state_shardings(config: dvae.DVAEConfig, train: DVAETrainConfig, mesh,
                     placement: sharding.StateSharding = sharding.StateSharding()) -> TrainState:
   """Placement of every array of the train state as the config's `sharding` section says
   (`placement`; shape-only trace, nothing allocated)."""
-  abstract = jax.eval_shape(functools.partial(init_state, model, train), jax.random.key(0))
+  abstract = jax.eval_shape(functools.partial(init_state, config, train), jax.random.key(0))
   return placement.shardings(abstract, mesh)
 
 
-def create_sharded_state(model: dvae.DVAEConfig, train: DVAETrainConfig, mesh,
+def create_sharded_state(config: dvae.DVAEConfig, train: DVAETrainConfig, mesh,
                          shardings: TrainState) -> TrainState:
   """Initialises the state directly into its shards: no host ever holds the whole of it."""
-  create = jax.jit(functools.partial(init_state, model, train), out_shardings=shardings)
+  create = jax.jit(functools.partial(init_state, config, train), out_shardings=shardings)
   return create(jax.random.key(train.seed))
 
 
-def train_step(model: dvae.DVAEConfig, train: DVAETrainConfig, state: TrainState,
+def train_step(config: dvae.DVAEConfig, train: DVAETrainConfig, state: TrainState,
                images: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW update on the relaxed ELB (or, in the decoder-only last phase, on the argmax codes'
   NLL with the encoder frozen); the pure function that `make_train_step` compiles."""
@@ -140,7 +140,7 @@ def train_step(model: dvae.DVAEConfig, train: DVAETrainConfig, state: TrainState
               "decoder": jax.tree.map(lambda _: False, state.params["decoder"])}
 
   def loss_fn(params):
-    return dvae_objective.relaxed_elb(model, params, images, step_rng, tau, beta,
+    return dvae_objective.relaxed_elb(config, params, images, step_rng, tau, beta,
                                       train.min_log_scale, decoder_only)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -151,10 +151,10 @@ def train_step(model: dvae.DVAEConfig, train: DVAETrainConfig, state: TrainState
   return new_state, metrics
 
 
-def make_train_step(model: dvae.DVAEConfig, train: DVAETrainConfig, mesh,
+def make_train_step(config: dvae.DVAEConfig, train: DVAETrainConfig, mesh,
                     shardings: TrainState):
   """`train_step` compiled for the mesh: state in place (donated), images split over the batch."""
-  return jax.jit(functools.partial(train_step, model, train),
+  return jax.jit(functools.partial(train_step, config, train),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
@@ -165,9 +165,9 @@ def load_trained(workdir: str, step: int | None = None, ema: bool = True
 
   Raises FileNotFoundError when `workdir` holds no config.json or no complete checkpoint.
   """
-  config = checkpointing.read_run_config(workdir, "train_dvae.py")
-  model = dvae.DVAEConfig(**config["model"])
-  train = DVAETrainConfig(**config["train"])
-  abstract = jax.eval_shape(lambda: init_state(model, train, jax.random.key(0)))
+  run_config = checkpointing.read_run_config(workdir, "train_dvae.py")
+  config = dvae.DVAEConfig(**run_config["model"])
+  train = DVAETrainConfig(**run_config["train"])
+  abstract = jax.eval_shape(lambda: init_state(config, train, jax.random.key(0)))
   state = checkpointing.restore_run(workdir, abstract, step)
-  return model, state.ema_params if ema else state.params
+  return config, state.ema_params if ema else state.params

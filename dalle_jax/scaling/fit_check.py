@@ -233,11 +233,11 @@ def _kernels(hlo: str) -> tuple[str, ...]:
   return tuple(sorted({re.sub(r"\.\d+$", "", name) for name in names}))
 
 
-def transformer_flops(model, batch: int, train: bool = True) -> float:
+def transformer_flops(config, batch: int, train: bool = True) -> float:
   """FLOPs of one step over `batch` examples, all chips: every matmul (2 per multiply-add) with
   attention over exactly the pairs each layer's mask admits; training is forward + backward
   (3x), plus the blocks' forward again under remat."""
-  c = model
+  c = config
   qkv_out = 4 * c.width * c.heads * c.head_dim            # q, k, v and the output projection
   block = 2 * c.seq_len * (qkv_out + 2 * c.mlp_ratio * c.width ** 2)
   kinds = c.kinds()
@@ -262,12 +262,12 @@ def _hints(mesh, state_gib: float, batch_flag: str, remat: bool | None) -> tuple
 
 
 # ---------------------------------------------------------------- the launches' programs
-def _train_step(stage, model, train, mesh, shardings, step, target: Target, inputs: tuple, *,
+def _train_step(stage, config, train, mesh, shardings, step, target: Target, inputs: tuple, *,
                 what: str, items_per_call: int, item_name: str,
                 remat: bool | None = None) -> FitReport:
   """A stage's own train `step` (its `make_train_step`, with the state placed by `shardings`:
   `stage` is its module, with `init_state`) on abstract inputs placed on the slice's mesh."""
-  state = _abstract(jax.eval_shape(functools.partial(stage.init_state, model, train),
+  state = _abstract(jax.eval_shape(functools.partial(stage.init_state, config, train),
                                    jax.random.key(0)), shardings)
   stored = (state.params, state.opt_state, state.ema_params)
   hints = _hints(mesh, _per_chip_bytes(stored) / GIB, "--config.train.batch_size", remat)
@@ -279,48 +279,48 @@ def _batch(mesh, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh))
 
 
-def transformer_train(model, train, mesh_config: dict[str, int], target: Target,
+def transformer_train(config, train, mesh_config: dict[str, int], target: Target,
                       rules=sharding.TRANSFORMER_RULES) -> FitReport:
   """`train_transformer.py`'s step (the same `make_train_step`, placed by the config's `rules`)
   on the slice."""
   mesh = _mesh(mesh_config, target)
-  shardings = transformer_training.state_shardings(model, train, mesh, rules)
-  step = transformer_training.make_train_step(model, train, mesh, shardings, rules)
+  shardings = transformer_training.state_shardings(config, train, mesh, rules)
+  step = transformer_training.make_train_step(config, train, mesh, shardings, rules)
   b = train.batch_size
-  batch = {"text": _batch(mesh, (b, model.text_len), jnp.int32),
-           "codes": _batch(mesh, (b, model.image_size, model.image_size), jnp.int32)}
-  report = _train_step(transformer_training, model, train, mesh, shardings, step, target, (batch,),
-                       what="transformer train step", items_per_call=b * model.seq_len,
-                       item_name="tokens", remat=model.remat)
-  return dataclasses.replace(report, model_flops=transformer_flops(model, b) / target.chips)
+  batch = {"text": _batch(mesh, (b, config.text_len), jnp.int32),
+           "codes": _batch(mesh, (b, config.image_size, config.image_size), jnp.int32)}
+  report = _train_step(transformer_training, config, train, mesh, shardings, step, target, (batch,),
+                       what="transformer train step", items_per_call=b * config.seq_len,
+                       item_name="tokens", remat=config.remat)
+  return dataclasses.replace(report, model_flops=transformer_flops(config, b) / target.chips)
 
 
-def dvae_train(model, train, mesh_config: dict[str, int], target: Target,
+def dvae_train(config, train, mesh_config: dict[str, int], target: Target,
                placement: sharding.StateSharding = sharding.StateSharding()) -> FitReport:
   """`train_dvae.py`'s step on the slice, its state placed as the config's `placement` says."""
   mesh = _mesh(mesh_config, target)
-  shardings = dvae_training.state_shardings(model, train, mesh, placement)
-  step = dvae_training.make_train_step(model, train, mesh, shardings)
-  images = _batch(mesh, (train.batch_size, model.resolution, model.resolution, 3), jnp.uint8)
-  return _train_step(dvae_training, model, train, mesh, shardings, step, target, (images,),
+  shardings = dvae_training.state_shardings(config, train, mesh, placement)
+  step = dvae_training.make_train_step(config, train, mesh, shardings)
+  images = _batch(mesh, (train.batch_size, config.resolution, config.resolution, 3), jnp.uint8)
+  return _train_step(dvae_training, config, train, mesh, shardings, step, target, (images,),
                      what="dVAE train step", items_per_call=train.batch_size,
                      item_name="images")
 
 
-def reranker_train(model, train, mesh_config: dict[str, int], target: Target,
+def reranker_train(config, train, mesh_config: dict[str, int], target: Target,
                    placement: sharding.StateSharding = sharding.StateSharding()) -> FitReport:
   """`train_reranker.py`'s step on the slice, its state placed as the config's `placement` says."""
   mesh = _mesh(mesh_config, target)
-  shardings = rerank_training.state_shardings(model, train, mesh, placement)
-  step = rerank_training.make_train_step(model, train, mesh, shardings)
+  shardings = rerank_training.state_shardings(config, train, mesh, placement)
+  step = rerank_training.make_train_step(config, train, mesh, shardings)
   b = train.batch_size
-  inputs = (_batch(mesh, (b, model.resolution, model.resolution, 3), jnp.uint8),
-            _batch(mesh, (b, model.text_len), jnp.int32))
-  return _train_step(rerank_training, model, train, mesh, shardings, step, target, inputs,
+  inputs = (_batch(mesh, (b, config.resolution, config.resolution, 3), jnp.uint8),
+            _batch(mesh, (b, config.text_len), jnp.int32))
+  return _train_step(rerank_training, config, train, mesh, shardings, step, target, inputs,
                      what="reranker train step", items_per_call=b, item_name="images")
 
 
-def transformer_sampling(model, mesh_config: dict[str, int], target: Target, batch: int,
+def transformer_sampling(config, mesh_config: dict[str, int], target: Target, batch: int,
                          guided: bool = False, rules=sharding.TRANSFORMER_RULES) -> FitReport:
   """`sample.py`'s sampler (codes only) with the parameters placed by the run's training `rules`.
 
@@ -328,29 +328,29 @@ def transformer_sampling(model, mesh_config: dict[str, int], target: Target, bat
   step takes at least those bytes over the chip's HBM bandwidth; image tokens/s = batch / that.
   """
   mesh = _mesh(mesh_config, target)
-  param_shardings = transformer_training.param_shardings(model, mesh, rules)
-  params = _abstract(nn.unbox(transformer.abstract_params(model)), param_shardings)
-  sample = sampling.make_sampler(model, None, mesh, guided=guided,
+  param_shardings = transformer_training.param_shardings(config, mesh, rules)
+  params = _abstract(nn.unbox(transformer.abstract_params(config)), param_shardings)
+  sample = sampling.make_sampler(config, None, mesh, guided=guided,
                                  param_shardings=param_shardings)
   split, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   sds = lambda shape, dtype, where: jax.ShapeDtypeStruct(shape, dtype, sharding=where)
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
   settings = sampling.SampleSettings(*(sds((), d, whole) for d in (
       jnp.float32, jnp.int32, jnp.float32, jnp.float32, jnp.int32)))
-  args = (params, None, sds((batch, model.text_len), jnp.int32, split),
+  args = (params, None, sds((batch, config.text_len), jnp.int32, split),
           sds(keys.shape, keys.dtype, split), settings,
-          sds((batch, model.image_size, model.image_size), jnp.int32, split))
+          sds((batch, config.image_size, config.image_size), jnp.int32, split))
   param_bytes = _per_chip_bytes(params)
   report = measure(sample, args, what=f"transformer sampler, batch {batch}", target=target,
-                   mesh=mesh, state=params, items_per_call=batch * model.image_len,
-                   item_name="image tokens", bound_bytes=param_bytes * model.image_len,
+                   mesh=mesh, state=params, items_per_call=batch * config.image_len,
+                   item_name="image tokens", bound_bytes=param_bytes * config.image_len,
                    hints=(f"split the parameters ({param_bytes / GIB:.1f} GiB a chip) over more "
                           "chips: raise --fsdp or --tensor", "a smaller --batch_size",
                           "a larger slice"))
   # Decoding every position with the cache is one forward pass over the sequence, in FLOPs.
   rows = batch * (2 if guided else 1)
   return dataclasses.replace(
-      report, model_flops=transformer_flops(model, rows, train=False) / target.chips,
+      report, model_flops=transformer_flops(config, rows, train=False) / target.chips,
       state_name="parameters")
 
 

@@ -1,8 +1,8 @@
 """Training the transformer: the paper's optimiser and schedule, and the sharded train step.
 
-    shardings = state_shardings(model, train, mesh)          # from the logical axis rules
-    state = create_sharded_state(model, train, mesh, shardings)
-    step = make_train_step(model, train, mesh, shardings)
+    shardings = state_shardings(config, train, mesh)          # from the logical axis rules
+    state = create_sharded_state(config, train, mesh, shardings)
+    step = make_train_step(config, train, mesh, shardings)
     state, metrics = step(state, {"text": int32[B, T], "codes": int32[B, H, W]})
 
 Parameters, optimiser state and EMA are placed by the config's logical axis rules (`rules`:
@@ -99,15 +99,15 @@ def make_optimizer(train: TransformerTrainConfig) -> optax.GradientTransformatio
   return optax.chain(*parts)
 
 
-def init_state(model: TransformerConfig, train: TransformerTrainConfig,
+def init_state(config: TransformerConfig, train: TransformerTrainConfig,
                rng: jax.Array) -> TrainState:
   """A fresh train state of plain arrays."""
   init_rng, train_rng = jax.random.split(rng)
-  params = nn.unbox(transformer.init(model, init_rng))
+  params = nn.unbox(transformer.init(config, init_rng))
   return train_state.create(params, make_optimizer(train), train_rng)
 
 
-def state_shardings(model: TransformerConfig, train: TransformerTrainConfig, mesh,
+def state_shardings(config: TransformerConfig, train: TransformerTrainConfig, mesh,
                     rules=sharding.TRANSFORMER_RULES) -> TrainState:
   """NamedSharding of every array of the state: parameters, EMA and the optimiser's moments by
   the parameters' logical axis names and `rules`; the rest replicated.
@@ -115,8 +115,8 @@ def state_shardings(model: TransformerConfig, train: TransformerTrainConfig, mes
   Raises ValueError (before any compile) when an axis would not split evenly over the mesh.
   """
   rules = sharding.logical_rules(rules)
-  param_specs = nn.get_partition_spec(transformer.abstract_params(model))
-  abstract = jax.eval_shape(functools.partial(init_state, model, train), jax.random.key(0))
+  param_specs = nn.get_partition_spec(transformer.abstract_params(config))
+  abstract = jax.eval_shape(functools.partial(init_state, config, train), jax.random.key(0))
   opt_specs = optax.tree_map_params(make_optimizer(train), lambda _, spec: spec,
                                     abstract.opt_state, param_specs,
                                     transform_non_params=lambda _: P())
@@ -127,46 +127,46 @@ def state_shardings(model: TransformerConfig, train: TransformerTrainConfig, mes
   return shardings
 
 
-def param_shardings(model: TransformerConfig, mesh, rules=sharding.TRANSFORMER_RULES) -> Any:
+def param_shardings(config: TransformerConfig, mesh, rules=sharding.TRANSFORMER_RULES) -> Any:
   """NamedSharding of every parameter as training places it: by its logical names and `rules`.
 
   Raises ValueError (before any compile) when an axis would not split evenly over the mesh.
   """
-  abstract = transformer.abstract_params(model)
+  abstract = transformer.abstract_params(config)
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh,
                                           sharding.logical_rules(rules))
   sharding.check_divisible(nn.unbox(abstract), shardings)
   return shardings
 
 
-def create_sharded_state(model: TransformerConfig, train: TransformerTrainConfig, mesh,
+def create_sharded_state(config: TransformerConfig, train: TransformerTrainConfig, mesh,
                          shardings: TrainState) -> TrainState:
   """Initialises the state directly into its shards: no host ever holds the whole of it."""
-  create = jax.jit(functools.partial(init_state, model, train), out_shardings=shardings)
+  create = jax.jit(functools.partial(init_state, config, train), out_shardings=shardings)
   return create(jax.random.key(train.seed))
 
 
-def drop_captions(model: TransformerConfig, text: jax.Array, rng: jax.Array,
+def drop_captions(config: TransformerConfig, text: jax.Array, rng: jax.Array,
                   rate: float) -> jax.Array:
   """Replaces each caption by the empty one (all pad ids) with probability `rate`."""
-  empty = model.text_vocab_size + jnp.arange(model.text_len, dtype=text.dtype)
+  empty = config.text_vocab_size + jnp.arange(config.text_len, dtype=text.dtype)
   dropped = jax.random.bernoulli(rng, rate, (text.shape[0], 1))
   return jnp.where(dropped, empty, text)
 
 
-def loss_fn(model: TransformerConfig, params: Any, batch: Batch, rng: jax.Array | None = None
+def loss_fn(config: TransformerConfig, params: Any, batch: Batch, rng: jax.Array | None = None
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The weighted text/image cross-entropy of one batch; dropout on when `rng` is given."""
   rngs = {"dropout": rng} if rng is not None else {}
-  text_logits, image_logits = transformer.Transformer(model).apply(
+  text_logits, image_logits = transformer.Transformer(config).apply(
       {"params": params}, batch["text"], batch["codes"], deterministic=rng is None, rngs=rngs)
-  return transformer.dalle_loss(model, text_logits, image_logits, batch["text"], batch["codes"])
+  return transformer.dalle_loss(config, text_logits, image_logits, batch["text"], batch["codes"])
 
 
-def _accumulated_grads(model: TransformerConfig, train: TransformerTrainConfig, params: Any,
+def _accumulated_grads(config: TransformerConfig, train: TransformerTrainConfig, params: Any,
                        batch: Batch, rng: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
   """Mean gradient and metrics over `grad_accum_steps` micro-batches, one at a time."""
-  grad_fn = jax.grad(lambda p, b, r: loss_fn(model, p, b, r), has_aux=True)
+  grad_fn = jax.grad(lambda p, b, r: loss_fn(config, p, b, r), has_aux=True)
   n = train.grad_accum_steps
   if n == 1:
     return grad_fn(params, batch, rng)
@@ -187,14 +187,14 @@ def _accumulated_grads(model: TransformerConfig, train: TransformerTrainConfig, 
   return jax.tree.map(lambda x: x / n, total)
 
 
-def train_step(model: TransformerConfig, train: TransformerTrainConfig, state: TrainState,
+def train_step(config: TransformerConfig, train: TransformerTrainConfig, state: TrainState,
                batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
   """One clipped AdamW update; the pure function that `make_train_step` compiles."""
   dropout_rng, caption_rng = jax.random.split(train_state.step_rng(state))
   if train.caption_dropout > 0:
-    batch = dict(batch, text=drop_captions(model, batch["text"], caption_rng,
+    batch = dict(batch, text=drop_captions(config, batch["text"], caption_rng,
                                            train.caption_dropout))
-  grads, metrics = _accumulated_grads(model, train, state.params, batch, dropout_rng)
+  grads, metrics = _accumulated_grads(config, train, state.params, batch, dropout_rng)
   extra = {"value": metrics["loss"]} if train.decay == "plateau" else {}
   new_state, update_metrics = train_state.apply_gradients(
       state, grads, metrics["loss"], make_optimizer(train), train.ema_decay, **extra)
@@ -202,9 +202,9 @@ def train_step(model: TransformerConfig, train: TransformerTrainConfig, state: T
   return new_state, metrics
 
 
-def eval_step(model: TransformerConfig, params: Any, batch: Batch) -> dict[str, jax.Array]:
+def eval_step(config: TransformerConfig, params: Any, batch: Batch) -> dict[str, jax.Array]:
   """Validation loss (text and image apart) without dropout."""
-  return loss_fn(model, params, batch)[1]
+  return loss_fn(config, params, batch)[1]
 
 
 def batch_shardings(mesh) -> dict[str, NamedSharding]:
@@ -230,19 +230,19 @@ def _in_mesh_context(fn, mesh, rules):
   return run
 
 
-def make_train_step(model: TransformerConfig, train: TransformerTrainConfig, mesh,
+def make_train_step(config: TransformerConfig, train: TransformerTrainConfig, mesh,
                     shardings: TrainState, rules=sharding.TRANSFORMER_RULES):
   """`train_step` compiled for the mesh: the state updated in place (donated), batch split."""
-  step = jax.jit(functools.partial(train_step, model, train),
+  step = jax.jit(functools.partial(train_step, config, train),
                  in_shardings=(shardings, batch_shardings(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   return _in_mesh_context(step, mesh, rules)
 
 
-def make_eval_step(model: TransformerConfig, mesh, param_shardings: Any,
+def make_eval_step(config: TransformerConfig, mesh, param_shardings: Any,
                    rules=sharding.TRANSFORMER_RULES):
   """`eval_step` compiled for the mesh: (params, batch) -> metrics."""
-  step = jax.jit(functools.partial(eval_step, model),
+  step = jax.jit(functools.partial(eval_step, config),
                  in_shardings=(param_shardings, batch_shardings(mesh)),
                  out_shardings=sharding.replicated(mesh))
   return _in_mesh_context(step, mesh, rules)
@@ -268,13 +268,13 @@ def load_trained(workdir: str, step: int | None = None, ema: bool = True, mesh=N
   ValueError when the checkpoint does not match the config.
   """
   run_config = checkpointing.read_run_config(workdir, "train_transformer.py")
-  model = TransformerConfig(**run_config["model"])
+  config = TransformerConfig(**run_config["model"])
   if mesh is None:
     placement = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shardings = jax.tree.map(lambda _: placement, nn.unbox(transformer.abstract_params(model)))
+    shardings = jax.tree.map(lambda _: placement, nn.unbox(transformer.abstract_params(config)))
   else:
-    shardings = param_shardings(model, mesh, run_rules(run_config) if rules is None else rules)
-  abstract = checkpointing.abstract_like(nn.unbox(transformer.abstract_params(model)), shardings)
+    shardings = param_shardings(config, mesh, run_rules(run_config) if rules is None else rules)
+  abstract = checkpointing.abstract_like(nn.unbox(transformer.abstract_params(config)), shardings)
   name = "ema_params" if ema else "params"
   restored = checkpointing.restore_items(workdir, {name: abstract}, step)
-  return model, restored[name], run_config
+  return config, restored[name], run_config
