@@ -38,6 +38,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from dalle_jax import sharding
+from dalle_jax.train import launch
 from dalle_jax.transformer import model as transformer, training as transformer_training
 from dalle_jax.transformer.model import TransformerConfig
 from dalle_jax.transformer.training import TransformerTrainConfig
@@ -306,7 +307,7 @@ def _report(model: TransformerConfig, results: dict) -> None:
 def main(argv):
   del argv
   if _HUGEPAGES.value:
-    bench_util.restart_with_hugepages()
+    launch.restart_with_hugepages()
   config = _CONFIG.value
   model = TransformerConfig(**config.model)
   train = TransformerTrainConfig(**config.train)
