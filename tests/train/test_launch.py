@@ -96,13 +96,13 @@ if __name__ == "__main__":
 
 
 def _launch(tmp_path, **env_changes):
-  """Runs _SCRIPT under `python -X utf8` with `env_changes` (None: unset); (starts, what main saw)."""
+  """Runs _SCRIPT under `python -X utf8` with `env_changes`: (its starts, what its main saw)."""
   script, starts = tmp_path / "script.py", tmp_path / "starts"
   script.write_text(_SCRIPT)
   env = {k: v for k, v in os.environ.items()
          if k not in ("GLIBC_TUNABLES", launch.HUGEPAGES_SWITCH, launch._RESTARTED)}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  env.update({k: v for k, v in env_changes.items() if v is not None})
+  env.update(env_changes)
   out = subprocess.run([sys.executable, "-X", "utf8", str(script), str(starts), "--name=a b",
                         "rest"], env=env, capture_output=True, text=True, check=True).stdout
   return starts.read_text().count("start"), json.loads(out.strip().splitlines()[-1])
