@@ -28,11 +28,11 @@ debian-packages:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,app,tpu]"  # tpu: libtpu, for the fit check's TPU compiles
+	$(PY) -m pip install -q -e ".[test,app,tpu,bench]"  # tpu: libtpu (fit check); bench: GPT-2, the peer
 	$(PY) -m pip install -q --no-deps DALL-E==0.1  # OpenAI's dVAE; its declared deps pull torchvision
 	$(PY) -c "import torch, dall_e"
 	$(PY) -c "import dalle_jax, jax, flax, optax, orbax.checkpoint, grain, sentencepiece, libtpu"
-	$(PY) -c "import tensorboardX, gradio, gradio_client, websockets"
+	$(PY) -c "import tensorboardX, gradio, gradio_client, websockets, transformers"
 	touch $@
 
 # pytest exits 5 when it collects no test: that is a failure here, never a pass.

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax.transformer import attention, block_plan, masks
+from dalle_jax.train import launch
 import bench_util  # experiments/bench_util.py: this script's folder is on sys.path
 
 _KINDS = flags.DEFINE_list("kinds", ["row", "column", "conv"], "Masks to time (masks.KINDS).")
@@ -83,7 +84,7 @@ def time_in_turns(programs: dict, args, repeats: int) -> tuple[dict, dict, float
 def main(argv):
   del argv
   if _HUGEPAGES.value:
-    bench_util.restart_with_hugepages()
+    launch.restart_with_hugepages()
   text_len, grid = _TEXT_LEN.value, _GRID.value
   seq = text_len + grid * grid
   rng = np.random.default_rng(0)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax.dvae import model as dvae, openai_weights
+from dalle_jax.train import launch
 import bench_util  # experiments/bench_util.py: this script's folder is on sys.path
 
 if TYPE_CHECKING:  # torch and dall_e are imported only when --torch: JAX alone needs neither.
@@ -151,7 +152,7 @@ def _report(results: dict) -> None:
 def main(argv):
   del argv
   if _HUGEPAGES.value:
-    bench_util.restart_with_hugepages()
+    launch.restart_with_hugepages()
   batch, side, repeats, warmup = _BATCH.value, _RESOLUTION.value, _REPEATS.value, _WARMUP.value
   config = dvae.DVAEConfig(resolution=side)
   cores = len(os.sched_getaffinity(0))

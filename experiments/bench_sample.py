@@ -1,14 +1,20 @@
-"""Sampling speed: image tokens/s of the cached sampler at `bench_small`, compile time apart.
+"""Sampling speed: image tokens/s of the cached sampler at `bench_small`, compile time apart,
+beside Hugging Face's GPT-2 `generate` at the same geometry, timed in the same run.
 
   python experiments/bench_sample.py                       # batch 8, the bench_small geometry
   python experiments/bench_sample.py --batch=8 --repeats=5 --uncached   # also the no-cache path
+  python experiments/bench_sample.py --peer=none           # without GPT-2 (no [bench] extra)
 
 What is timed: `sampling.sample_codes` (caption prefill, then 256 image codes drawn one at a time
 with the key/value cache), compiled ahead of time, random parameters; each call draws batch x
 image_len codes, once with decode steps over the whole cache through their mask row and once
 reading only the cached keys the row admits (`attention="block_sparse"`). `--uncached` also times the reference path that runs the whole sequence for every
-code (what a sampler without a working cache pays). Medians of `--repeats` calls; the foreign CPU
-load during them is reported (see bench_util).
+code (what a sampler without a working cache pays). The peer, after ours: GPT-2 (transformers,
+PyTorch) at the same width, depth, heads, sequence and vocabulary, `generate` continuing the same
+number of captions with H*W tokens through its key/value cache, in each of `--peer_dtypes`
+(bench_peers.py); the ratio ours/peer of image tokens/s is reported for each of our cached paths.
+Medians of `--repeats` calls; the foreign CPU load during them is reported (see bench_util).
+Like bench_train.py, the script restarts on the huge-page malloc that training launches use.
 """
 
 import dataclasses
@@ -24,7 +30,12 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-import bench_util
+import bench_util  # experiments/bench_util.py: this script's folder is on sys.path
+try:
+  import bench_peers  # torch and transformers: the [bench] extra
+except ImportError:
+  bench_peers = None
+from dalle_jax.train import launch
 from dalle_jax.transformer import model as transformer, sampling
 from dalle_jax.transformer.sampling import SampleSettings
 from dalle_jax.transformer.model import TransformerConfig
@@ -40,6 +51,13 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (median).", lower_bou
 _UNCACHED = flags.DEFINE_bool("uncached", False, "Also time the full-forward-per-code path.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k filter (0: none; the filters cost a sort).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
+_HUGEPAGES = flags.DEFINE_bool(
+    "hugepages", True, "Restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as training "
+    "launches do (DALLE_JAX_HUGEPAGES=0 or --nohugepages: the plain malloc).")
+_PEER = flags.DEFINE_enum("peer", "gpt2" if bench_peers else "none", ["gpt2", "none"],
+                          "Also time this peer's `generate` at the same geometry.")
+_PEER_DTYPES = flags.DEFINE_list("peer_dtypes", ["float32", "bfloat16"],
+                                 "The peer's dtypes (bfloat16: the model cast to it).")
 
 
 def timed(fn, args, repeats: int) -> dict[str, float]:
@@ -60,6 +78,10 @@ def timed(fn, args, repeats: int) -> dict[str, float]:
 
 def main(argv):
   del argv
+  if _HUGEPAGES.value:
+    launch.restart_with_hugepages()
+  if _PEER.value == "gpt2" and bench_peers is None:
+    raise app.UsageError("--peer=gpt2 needs torch and transformers: pip install -e .[bench]")
   model = TransformerConfig(**_CONFIG.value.model)
   params = nn.unbox(transformer.init(model, jax.random.key(0)))
   rng = np.random.default_rng(0)
@@ -69,7 +91,8 @@ def main(argv):
   settings = SampleSettings(temperature=1.0, top_k=_TOP_K.value)
   tokens = _BATCH.value * model.image_len
   results = {"machine": {"cpu": bench_util.cpu_model(), "cores": os.cpu_count(),
-                         "memory_gib": bench_util.memory_gib(), "jax": jax.__version__},
+                         "memory_gib": bench_util.memory_gib(), "jax": jax.__version__,
+                         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
              "batch": _BATCH.value,
              "config": {k: getattr(model, k) for k in
                         ("text_len", "text_vocab_size", "image_size", "image_vocab_size",
@@ -89,6 +112,22 @@ def main(argv):
     print(f"{name}: {run['image_tokens_per_s']:.0f} image tokens/s ({tokens} tokens in "
           f"{run['median_s']:.3f} s, median of {_REPEATS.value}); compile {run['compile_s']:.1f} s;"
           f" other processes used {run['foreign_load_cores']:.2f} cores")
+  if _PEER.value == "gpt2":
+    geometry = bench_peers.Geometry.of(model)
+    results["peers"], results["ratios"] = {}, {}
+    for dtype in _PEER_DTYPES.value:
+      name = f"gpt2_{dtype}"
+      peer = results["peers"][name] = bench_peers.time_generate(
+          geometry, _BATCH.value, _REPEATS.value, 1, dtype)
+      ratios = {path: results[path]["image_tokens_per_s"] / peer["image_tokens_per_s"]
+                for path in ("cached", "cached_sparse")}
+      results["ratios"].update({f"{path}/{name}": r for path, r in ratios.items()})
+      print(f"{name} generate (transformers {peer['transformers']}, torch {peer['torch']}, "
+            f"{peer['attention']} attention, {peer['params']:,} parameters): "
+            f"{peer['image_tokens_per_s']:.0f} image tokens/s ({tokens} tokens in "
+            f"{peer['median_s']:.3f} s, median of {_REPEATS.value}); ours/peer = "
+            + ", ".join(f"{r:.2f} ({path})" for path, r in ratios.items())
+            + f"; other processes used {peer['foreign_load_cores']:.2f} cores")
   if _UNCACHED.value:
     print(f"the cache is {results['uncached']['median_s'] / results['cached']['median_s']:.1f}x "
           "faster than a full forward pass per code")

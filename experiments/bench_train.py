@@ -1,8 +1,9 @@
 """Transformer training throughput: tokens/s and FLOP/s of the full train step, against the
-float32 matmul peak measured in the same run.
+float32 matmul peak and Hugging Face's GPT-2 at the same geometry, measured in the same run.
 
   python experiments/bench_train.py                     # bench_small geometry, 20 timed steps
-  python experiments/bench_train.py --hugepages         # malloc on transparent huge pages
+  python experiments/bench_train.py --nohugepages       # the plain malloc (launches use huge pages)
+  python experiments/bench_train.py --peer=none         # without GPT-2 (no [bench] extra needed)
   python experiments/bench_train.py --profile=5 --json_out=bench_train.json
   python experiments/bench_train.py --config.model.depth=8   # any config field, as in training
 
@@ -13,9 +14,12 @@ per step. FLOPs are counted analytically (`step_flops`) and cross-checked agains
 count; the step's FLOP/s is then compared with the best float32 `jnp.dot` of a few square sizes,
 measured before and after the step, and with that size's median call: the fairer yardstick when
 other jobs leave the step fewer cores than the best call had. `--profile` then traces more steps
-with `jax.profiler` and splits their time by part of the model (`_PARTS`). The CPU time other
-processes used meanwhile is reported: on two cores any other job skews the numbers. No XLA flag
-is set by the script. Results: BENCHMARKS.md.
+with `jax.profiler` and splits their time by part of the model (`_PARTS`). The peer, after our
+step: GPT-2 (transformers, PyTorch) at the same width, depth, heads, sequence and vocabulary,
+forward, loss, backward, clipping and AdamW with our hyperparameters, in each of `--peer_dtypes`
+(bench_peers.py); the ratio ours/peer of tokens/s is reported. The CPU time other processes used
+meanwhile is reported: on two cores any other job skews the numbers. No XLA flag is set by the
+script. Results: BENCHMARKS.md.
 """
 
 import collections
@@ -38,10 +42,15 @@ from ml_collections import config_flags
 import numpy as np
 
 from dalle_jax import sharding
+from dalle_jax.train import launch
 from dalle_jax.transformer import model as transformer, training as transformer_training
 from dalle_jax.transformer.model import TransformerConfig
 from dalle_jax.transformer.training import TransformerTrainConfig
 import bench_util  # experiments/bench_util.py: this script's folder is on sys.path
+try:
+  import bench_peers  # torch and transformers: the [bench] extra
+except ImportError:
+  bench_peers = None
 
 # The repository root: configs are imported (and import each other) as experiments.configs.<name>.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,8 +68,13 @@ _PROFILE = flags.DEFINE_integer("profile", 0, "Then trace this many more steps w
                                 "jax.profiler and print where their time goes (0: no trace).",
                                 lower_bound=0)
 _HUGEPAGES = flags.DEFINE_bool(
-    "hugepages", False, "Restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1: malloc asks for "
-    "transparent huge pages, so XLA's per-call buffers page-fault in far less often.")
+    "hugepages", True, "Restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as training "
+    "launches do: malloc asks for transparent huge pages, so XLA's per-call buffers page-fault "
+    "in far less often (DALLE_JAX_HUGEPAGES=0 or --nohugepages: the plain malloc).")
+_PEER = flags.DEFINE_enum("peer", "gpt2" if bench_peers else "none", ["gpt2", "none"],
+                          "Also time this peer's train step at the same geometry.")
+_PEER_DTYPES = flags.DEFINE_list("peer_dtypes", ["float32", "bfloat16"],
+                                 "The peer's compute dtypes (bfloat16: torch.autocast).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Optional path for the results as JSON.")
 
 
@@ -170,6 +184,21 @@ def time_steps(step: TrainStep, steps: int, warmup: int, results: dict) -> list[
   return seconds
 
 
+def time_peer(model: TransformerConfig, train: TransformerTrainConfig, results: dict) -> None:
+  """GPT-2's train step at our geometry, batch and hyperparameters, in each peer dtype."""
+  if bench_peers is None:
+    raise app.UsageError("--peer=gpt2 needs torch and transformers: pip install -e .[bench]")
+  geometry = bench_peers.Geometry.of(model)
+  results["peers"] = {}
+  for dtype in _PEER_DTYPES.value:
+    name = f"gpt2_{dtype}"
+    results["peers"][name] = _measured(
+        lambda d=dtype: bench_peers.time_train(
+            geometry, train.batch_size, _STEPS.value, _WARMUP.value, d,
+            learning_rate=train.learning_rate, betas=(train.adam_b1, train.adam_b2),
+            weight_decay=train.weight_decay, clip_norm=train.clip_norm), results, name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Where the time goes.
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +283,7 @@ def _report(model: TransformerConfig, results: dict) -> None:
   median_peak = statistics.median(results["matmul_calls_flop_per_s"][best_n])
   results["median_peak_flop_per_s"] = median_peak
   results["fraction_of_median_peak"] = results["flop_per_s"] / median_peak
+  results["ratios"] = {}  # ours / each peer, tokens/s
   kinds = "/".join(model.kinds())
   print(f"\ntransformer train step: batch {results['batch']}, S = {model.text_len} + "
         f"{model.image_len} = {model.seq_len}, width {model.width}, depth {model.depth}, "
@@ -281,6 +311,12 @@ def _report(model: TransformerConfig, results: dict) -> None:
         f"{results['fraction_of_peak']:.1%} of the peak ({results['fraction_of_median_peak']:.1%} "
         f"of the median {best_n} x {best_n} call, "
         f"{results['median_peak_flop_per_s'] / 1e9:.0f} GFLOP/s)")
+  for name, peer in results.get("peers", {}).items():
+    ratio = results["ratios"][name] = results["tokens_per_s"] / peer["tokens_per_s"]
+    print(f"{name} (transformers {peer['transformers']}, torch {peer['torch']}, "
+          f"{peer['attention']} attention, {peer['params']:,} parameters): step median "
+          f"{peer['median_step_s'] * 1e3:.1f} ms, {peer['tokens_per_s']:,.0f} tokens/s; "
+          f"ours/peer = {ratio:.2f}")
   if "profile" in results:
     prof = results["profile"]
     print(f"\nwhere the time goes ({prof['steps']} traced steps; per step, summed over "
@@ -306,7 +342,7 @@ def _report(model: TransformerConfig, results: dict) -> None:
 def main(argv):
   del argv
   if _HUGEPAGES.value:
-    bench_util.restart_with_hugepages()
+    launch.restart_with_hugepages()
   config = _CONFIG.value
   model = TransformerConfig(**config.model)
   train = TransformerTrainConfig(**config.train)
@@ -333,6 +369,8 @@ def main(argv):
   peak_after = _measured(lambda: matmul_peak(sizes, _PEAK_REPEATS.value), results, "peak_after")
   results["matmul_calls_flop_per_s"] = {n: peak_before[n] + peak_after[n] for n in peak_before}
   results["matmul_flop_per_s"] = {n: max(v) for n, v in results["matmul_calls_flop_per_s"].items()}
+  if _PEER.value == "gpt2":
+    time_peer(model, train, results)
   if _PROFILE.value:
     _measured(lambda: profile_steps(step, _PROFILE.value, results), results, "profile")
   _report(model, results)

@@ -14,10 +14,7 @@ sys.path).
 import json
 import os
 import platform
-import sys
 from typing import Any
-
-from dalle_jax.train import launch
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -38,14 +35,6 @@ def foreign_load(since: tuple[float, float], wall: float) -> float:
 def own_load(since: tuple[float, float], wall: float) -> float:
   """Cores' worth of CPU that this process used since `since`."""
   return (cpu_seconds()[1] - since[1]) / wall
-
-
-def restart_with_hugepages() -> None:
-  """Re-runs this process with glibc's malloc asking for transparent huge pages for its big
-  blocks (`launch.HUGEPAGES_TUNABLE`, read only at start-up), unless already so."""
-  env = launch.hugepages_env(os.environ)
-  if env != dict(os.environ):
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
 def cpu_model() -> str:

@@ -7,6 +7,8 @@ import tempfile
 
 import jax
 
+from dalle_jax.train import launch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 # Before any JAX computation: sharded tests need several devices; single-device tests use the first.
@@ -18,6 +20,8 @@ CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+# Scripts the tests start inherit the huge-page malloc, so `launch.run` need not restart them.
+os.environ.update(launch.hugepages_env(os.environ))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -1,10 +1,13 @@
-"""What every training launch shares: multi-host start-up and the run directory: its lock, the
-config check on resume, the restore, image snapshots and how a stage runs as a child."""
+"""What every training launch shares: the huge-page malloc on CPU, multi-host start-up and the
+run directory: its lock, the config check on resume, the restore, image snapshots and how a stage
+runs as a child."""
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -33,6 +36,39 @@ def hugepages_env(env: Mapping[str, str]) -> dict[str, str]:
   if HUGEPAGES_TUNABLE in tunables.split(":"):
     return dict(env)
   return dict(env, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGEPAGES_TUNABLE])))
+
+
+HUGEPAGES_SWITCH = "DALLE_JAX_HUGEPAGES"  # "0": no restart onto huge pages
+_RESTARTED = "DALLE_JAX_HUGEPAGES_RESTARTED"  # set in the restarted process: never a second time
+
+
+def _runs_on_cpu() -> bool:
+  """Whether JAX will compute on the CPU, told without starting a backend (a TPU runtime takes
+  its chips when it starts, and this process may be about to be replaced): JAX_PLATFORMS if
+  set, else whether the machine has no TPU (/dev/accel*, /dev/vfio/<n>) or NVIDIA GPU."""
+  platforms = jax.config.jax_platforms
+  if platforms:
+    return platforms.split(",")[0] == "cpu"
+  return not any(glob.glob(pattern) for pattern in ("/dev/accel*", "/dev/vfio/[0-9]*",
+                                                    "/dev/nvidia[0-9]*"))
+
+
+def restart_with_hugepages() -> None:
+  """Re-runs this process, with its interpreter options and arguments, under HUGEPAGES_TUNABLE
+  (glibc reads it only at start-up); returns instead when the tunable is already set, when
+  DALLE_JAX_HUGEPAGES=0, off glibc Linux, when JAX will not compute on the CPU, or in a process
+  this function already restarted."""
+  if (os.environ.get(HUGEPAGES_SWITCH) == "0" or os.environ.get(_RESTARTED)
+      or not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc"
+      or not _runs_on_cpu()):
+    return
+  env = hugepages_env(os.environ)
+  if env == dict(os.environ):
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # orig_argv keeps `-m module`, `-c code` and -X options, which sys.argv loses.
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], dict(env, **{_RESTARTED: "1"}))
 
 
 def config_section(cls: type, **values: Any) -> config_dict.ConfigDict:
@@ -88,7 +124,9 @@ REFUSALS = (workdir_lock.WorkdirLocked, run_config.ConfigMismatch, checkpointing
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """`app.run(main)`, with a refusal of the run directory shown as its message and status 1."""
+  """`app.run(main)` on huge pages (`restart_with_hugepages`), with a refusal of the run
+  directory shown as its message and status 1."""
+  restart_with_hugepages()
   try:
     app.run(main)
   except REFUSALS as error:

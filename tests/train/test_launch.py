@@ -1,7 +1,11 @@
-"""dalle_jax/train/launch.py: config sections that take any override, and the huge-pages environment."""
+"""dalle_jax/train/launch.py: config sections that take any override, and the huge-page malloc:
+its environment and the restart a launch makes onto it."""
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -54,3 +58,53 @@ def test_hugepages_env_adds_the_tunable_once():
                  "A": "b"}
   assert launch.hugepages_env(env) == env
   assert launch.hugepages_env({})["GLIBC_TUNABLES"] == launch.HUGEPAGES_TUNABLE
+
+
+# A launch script that records each start (a line in `starts`) and what its main sees.
+_SCRIPT = """
+import json, os, sys
+from absl import flags
+from dalle_jax.train import launch
+
+with open(sys.argv[1], "a") as f:
+  f.write("start\\n")
+_NAME = flags.DEFINE_string("name", "", "")
+
+def main(argv):
+  print(json.dumps({"argv": argv, "name": _NAME.value, "utf8": sys.flags.utf8_mode,
+                    "tunables": os.environ.get("GLIBC_TUNABLES", "")}))
+
+if __name__ == "__main__":
+  launch.run(main)
+"""
+
+
+def _launch(tmp_path, **env_changes):
+  """Runs _SCRIPT under `python -X utf8` with `env_changes`: (its starts, what its main saw)."""
+  script, starts = tmp_path / "script.py", tmp_path / "starts"
+  script.write_text(_SCRIPT)
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", launch.HUGEPAGES_SWITCH, launch._RESTARTED)}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env.update(env_changes)
+  out = subprocess.run([sys.executable, "-X", "utf8", str(script), str(starts), "--name=a b",
+                        "rest"], env=env, capture_output=True, text=True, check=True).stdout
+  return starts.read_text().count("start"), json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_launch_restarts_once_on_huge_pages_with_its_arguments(tmp_path):
+  starts, seen = _launch(tmp_path)
+  assert starts == 2
+  assert launch.HUGEPAGES_TUNABLE in seen["tunables"].split(":")
+  assert seen["argv"][1:] == [str(tmp_path / "starts"), "rest"] and seen["name"] == "a b"
+  assert seen["utf8"] == 1  # the interpreter's own options survive the restart
+
+
+@pytest.mark.parametrize("env", [{launch.HUGEPAGES_SWITCH: "0"},
+                                 {"GLIBC_TUNABLES": launch.HUGEPAGES_TUNABLE},
+                                 {"JAX_PLATFORMS": "tpu,cpu"}], ids=["opt-out", "set", "tpu"])
+def test_a_launch_runs_once_when_opted_out_already_set_or_off_the_cpu(tmp_path, env):
+  starts, seen = _launch(tmp_path, **env)
+  assert starts == 1
+  assert seen["tunables"] == env.get("GLIBC_TUNABLES", "")
+  assert seen["name"] == "a b"
