@@ -29,15 +29,15 @@ from PIL import Image
 import tqdm
 
 from dalle_jax import sharding
+from dalle_jax import tokenizer as tokenizer_lib
+from dalle_jax.data import code_shards, preprocess
 from dalle_jax.dvae import model as dvae, openai_weights, training as dvae_training
 from dalle_jax.rerank import training as rerank_training
 from dalle_jax.transformer import sampling
-from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.transformer import training as transformer_training
-from dalle_jax.data import code_shards, preprocess
 # What users hand in (captions, prompts files, images), and the error they get: part of this API.
-from dalle_jax.user_input import GenerationError, load_image, read_prompts, shorten  # noqa: F401
 from dalle_jax.transformer.model import TransformerConfig
+from dalle_jax.user_input import GenerationError, load_image, read_prompts, shorten  # noqa: F401
 
 OPENAI_FILES = ("encoder.pkl", "decoder.pkl")
 

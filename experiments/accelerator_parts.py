@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax import sharding
-from dalle_jax.transformer import attention, model as transformer, sampling
 from dalle_jax.scaling import roofline
+from dalle_jax.transformer import attention, model as transformer, sampling
 from dalle_jax.transformer import training as transformer_training
 from dalle_jax.transformer.model import TransformerConfig
 

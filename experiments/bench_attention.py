@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax.transformer import attention, block_plan, masks
 from dalle_jax.train import launch
+from dalle_jax.transformer import attention, block_plan, masks
 import bench_util  # experiments/bench_util.py: this script's folder is on sys.path
 
 _KINDS = flags.DEFINE_list("kinds", ["row", "column", "conv"], "Masks to time (masks.KINDS).")

@@ -37,8 +37,8 @@ except ImportError:
   bench_peers = None
 from dalle_jax.train import launch
 from dalle_jax.transformer import model as transformer, sampling
-from dalle_jax.transformer.sampling import SampleSettings
 from dalle_jax.transformer.model import TransformerConfig
+from dalle_jax.transformer.sampling import SampleSettings
 
 # The repository root: configs are imported (and import each other) as experiments.configs.<name>.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -34,9 +34,9 @@ import numpy as np
 from PIL import Image
 
 from dalle_jax import image_grid, plots
-from dalle_jax.train import launch
 from dalle_jax.data import code_shards
 from dalle_jax.data import emoji, shapes
+from dalle_jax.train import launch
 
 # The repository root: configs are imported (and import each other) as experiments.configs.<name>.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -27,11 +27,11 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from dalle_jax.dvae import model as dvae, openai_weights, training as dvae_training
-from dalle_jax.train import launch
 from dalle_jax import data as data_lib
 from dalle_jax.data import code_shards
 from dalle_jax.data import pipeline
+from dalle_jax.dvae import model as dvae, openai_weights, training as dvae_training
+from dalle_jax.train import launch
 
 _DVAE_WORKDIR = flags.DEFINE_string("dvae_workdir", None, "A train_dvae.py run directory.")
 _OPENAI_DVAE = flags.DEFINE_string(

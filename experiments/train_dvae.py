@@ -19,12 +19,12 @@ import jax
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import image_grid, sharding
-from dalle_jax.dvae import model as dvae, evaluation as dvae_eval, training as dvae_training
-from dalle_jax.train import finetune, launch, preemption, tensorboard_writer, train_state
 from dalle_jax import data as data_lib
-from dalle_jax.scaling import fit_check
+from dalle_jax import image_grid, sharding
 from dalle_jax.data import pipeline
+from dalle_jax.dvae import model as dvae, evaluation as dvae_eval, training as dvae_training
+from dalle_jax.scaling import fit_check
+from dalle_jax.train import finetune, launch, preemption, tensorboard_writer, train_state
 
 # The repository root: configs are imported (and import each other) as experiments.configs.<name>.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -24,14 +24,14 @@ import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from dalle_jax import image_grid, sharding
-from dalle_jax.train import finetune, launch, preemption, tensorboard_writer
-from dalle_jax.rerank import model as rerank, training as rerank_training
-from dalle_jax.train import train_state
 from dalle_jax import data as data_lib
-from dalle_jax.scaling import fit_check
+from dalle_jax import image_grid, sharding
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import pipeline
+from dalle_jax.rerank import model as rerank, training as rerank_training
+from dalle_jax.scaling import fit_check
+from dalle_jax.train import finetune, launch, preemption, tensorboard_writer
+from dalle_jax.train import train_state
 
 # The repository root: configs are imported (and import each other) as experiments.configs.<name>.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -24,11 +24,11 @@ from ml_collections import config_flags
 import tqdm
 
 from dalle_jax import generate, image_grid, sharding
-from dalle_jax.train import finetune, launch, preemption, tensorboard_writer, train_state
-from dalle_jax.transformer import training as transformer_training
-from dalle_jax.scaling import fit_check
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import code_batches, code_shards
+from dalle_jax.scaling import fit_check
+from dalle_jax.train import finetune, launch, preemption, tensorboard_writer, train_state
+from dalle_jax.transformer import training as transformer_training
 from dalle_jax.transformer.model import TransformerConfig
 from dalle_jax.transformer.training import TransformerTrainConfig
 

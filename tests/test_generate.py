@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from dalle_jax import generate, sharding
+from dalle_jax.data import preprocess
 from dalle_jax.dvae import model as dvae
 from dalle_jax.transformer import model as transformer, sampling, training as transformer_training
-from dalle_jax.data import preprocess
 
 CAPTIONS = ["a red circle", "two blue squares"]
 

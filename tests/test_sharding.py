@@ -2,9 +2,9 @@
 divisibility check, and the configs' placement (the transformer's rules, the other stages')."""
 
 import glob
+import importlib
 import json
 import os
-import runpy
 
 from absl import flags
 import jax
@@ -95,11 +95,11 @@ def test_logical_rules_read_back_from_json_and_refuse_a_bad_table():
       sharding.logical_rules(table)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "*.py"))),
-                         ids=os.path.basename)
-def test_every_config_says_how_it_shards(path):
-  config = runpy.run_path(path)["get_config"]()
-  if os.path.basename(path).startswith("transformer"):
+@pytest.mark.parametrize("name", sorted(os.path.basename(p)[:-3]
+                                        for p in glob.glob(os.path.join(CONFIGS, "*.py"))))
+def test_every_config_says_how_it_shards(name):
+  config = importlib.import_module(f"experiments.configs.{name}").get_config()
+  if name.startswith("transformer"):
     assert sharding.logical_rules(config.sharding_rules) == sharding.TRANSFORMER_RULES
   else:
     assert sharding.StateSharding.from_config(config.sharding) == sharding.StateSharding()

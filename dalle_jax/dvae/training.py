@@ -20,8 +20,8 @@ import jax
 import optax
 
 from dalle_jax import sharding
-from dalle_jax.train import checkpointing, schedules, train_state
 from dalle_jax.dvae import model as dvae, objective as dvae_objective
+from dalle_jax.train import checkpointing, schedules, train_state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax import generate, image_grid
+from dalle_jax.data import emoji, shapes
 from dalle_jax.dvae import model as dvae
 from dalle_jax.evaluation import judge
-from dalle_jax.data import emoji, shapes
 
 DATASETS = ("shapes", "emoji")
 SPLITS = ("heldout", "train")

@@ -30,9 +30,9 @@ import numpy as np
 from absl import flags
 
 from dalle_jax import sharding
-from dalle_jax.train import checkpointing
 from dalle_jax.dvae import training as dvae_training
 from dalle_jax.rerank import training as rerank_training
+from dalle_jax.train import checkpointing
 from dalle_jax.transformer import sampling, model as transformer, training as transformer_training
 
 GIB = 2 ** 30

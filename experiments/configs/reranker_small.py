@@ -11,8 +11,8 @@ STEPS_SCALE=4`) held-out top-1 0.80, caption -> image retrieval within held-out 
 
 import ml_collections
 
-from dalle_jax.train import launch
 from dalle_jax.rerank import training as rerank_training
+from dalle_jax.train import launch
 
 
 def get_config():

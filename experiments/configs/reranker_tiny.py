@@ -10,8 +10,8 @@ resuming and loading (tests/rerank/test_rerank.py).
 
 import ml_collections
 
-from dalle_jax.train import launch
 from dalle_jax.rerank import training as rerank_training
+from dalle_jax.train import launch
 
 
 def get_config():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dalle_jax import sharding
-from dalle_jax.dvae import model as dvae, training as dvae_training
 from dalle_jax.data import make_source, pipeline
+from dalle_jax.dvae import model as dvae, training as dvae_training
 
 MODEL = dvae.DVAEConfig(resolution=16, group_count=3, n_hid=16, n_blk_per_group=1, n_init=8,
                         vocab_size=32)

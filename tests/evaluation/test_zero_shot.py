@@ -14,8 +14,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from conftest import CACHE_ENV, REPO
 from dalle_jax import generate
-from dalle_jax.evaluation import judge, zero_shot
 from dalle_jax.data import emoji, shapes
+from dalle_jax.evaluation import judge, zero_shot
 
 EXPERIMENTS = os.path.join(REPO, "experiments")
 CONFIGS = os.path.join(EXPERIMENTS, "configs")

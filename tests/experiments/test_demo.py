@@ -10,11 +10,11 @@ from absl import app
 import numpy as np
 import pytest
 
-from dalle_jax.dvae import model as dvae
-from dalle_jax.rerank import model as rerank
-from dalle_jax.evaluation import judge, zero_shot
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import emoji, shapes
+from dalle_jax.dvae import model as dvae
+from dalle_jax.evaluation import judge, zero_shot
+from dalle_jax.rerank import model as rerank
 from dalle_jax.transformer.model import TransformerConfig
 from conftest import REPO
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import CACHE_ENV, REPO
-from dalle_jax.train import checkpointing
-from dalle_jax.dvae import model as dvae, training as dvae_training
 from dalle_jax.data import code_shards
 from dalle_jax.data import make_source, pipeline
+from dalle_jax.dvae import model as dvae, training as dvae_training
+from dalle_jax.train import checkpointing
 from experiments.configs import dvae_tiny
 
 SCRIPT = os.path.join(REPO, "experiments", "encode_dataset.py")

@@ -14,10 +14,10 @@ from PIL import Image
 
 from conftest import CACHE_ENV, REPO, train_tiny_stages
 from dalle_jax import image_grid
-from dalle_jax.dvae import model as dvae, training as dvae_training
-from dalle_jax.rerank import model as rerank, training as rerank_training
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import preprocess
+from dalle_jax.dvae import model as dvae, training as dvae_training
+from dalle_jax.rerank import model as rerank, training as rerank_training
 
 SCRIPT = os.path.join(REPO, "experiments", "sample.py")
 CONFIGS = os.path.join(REPO, "experiments", "configs")

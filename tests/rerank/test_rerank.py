@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import CACHE_ENV, REPO
-from dalle_jax.rerank import model as rerank, training as rerank_training
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import make_source, pipeline, shapes
+from dalle_jax.rerank import model as rerank, training as rerank_training
 from experiments.configs import reranker_tiny
 
 SCRIPT = os.path.join(REPO, "experiments", "train_reranker.py")

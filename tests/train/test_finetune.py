@@ -12,9 +12,9 @@ import pytest
 
 from conftest import CACHE_ENV, REPO
 from dalle_jax import sharding
-from dalle_jax.train import checkpointing, finetune
 from dalle_jax.dvae import model as dvae, training as dvae_training
 from dalle_jax.rerank import model as rerank, training as rerank_training
+from dalle_jax.train import checkpointing, finetune
 from dalle_jax.transformer import training as transformer_training
 from dalle_jax.transformer.model import TransformerConfig
 

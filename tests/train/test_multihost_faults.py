@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, encode_image, random_pixels, write_tar
-from dalle_jax.train import checkpointing, preemption
 from dalle_jax.dvae import model as dvae, training as dvae_training
+from dalle_jax.train import checkpointing, preemption
 from experiments.configs import dvae_tiny
 
 SCRIPT = os.path.join(REPO, "experiments", "train_dvae.py")

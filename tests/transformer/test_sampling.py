@@ -10,8 +10,8 @@ import pytest
 
 from dalle_jax.dvae import model as dvae
 from dalle_jax.transformer import model as transformer, sampling
-from dalle_jax.transformer.sampling import SampleSettings
 from dalle_jax.transformer.model import TransformerConfig
+from dalle_jax.transformer.sampling import SampleSettings
 
 # Every mask kind in one small model, the conv kernel wrapping around the 4-wide rows.
 MODEL = TransformerConfig(text_vocab_size=56, text_len=8, image_vocab_size=32, image_size=4,
