@@ -42,7 +42,7 @@ from dalle_jax.train import launch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.configs import (  # noqa: E402
     dvae_emoji32, dvae_shapes, reranker_emoji32, reranker_small, transformer_emoji32,
-    transformer_small)
+    transformer_shapes)
 
 FLAGS = flags.FLAGS  # defined by define_flags(), below
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -166,7 +166,7 @@ PLANS = {
     # Its configs' lengths fit the whole demo in 15 minutes on 2 cores.
     "shapes": Plan(
         tokenizer_flags=shapes_tokenizer_flags,
-        configs={"dvae": dvae_shapes, "reranker": reranker_small, "transformer": transformer_small},
+        configs={"dvae": dvae_shapes, "reranker": reranker_small, "transformer": transformer_shapes},
         encode_counts={"train": 20_000, "heldout": 512}, captions=shapes_captions,
         zero_shot_summary=shapes_summary),
     "emoji": Plan(

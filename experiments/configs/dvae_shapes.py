@@ -2,8 +2,9 @@
 
   python experiments/train_dvae.py --config=experiments/configs/dvae_shapes.py --workdir=runs/dvae
 
-Expected (the shapes demo's first stage; 2 CPU cores, malloc on huge pages): 1,500 steps in about
-4 minutes, held-out PSNR 27.3 dB, codebook perplexity 22.6.
+Expected (the shapes demo's first stage; 2 CPU cores, malloc on huge pages): 2,500 steps in about
+6.5 minutes, held-out PSNR 30.0 dB, codebook perplexity 10.0; ground truth through it keeps every
+captioned attribute in 0.65 of held-out captions (0.42 at 1,500 steps).
 
 Not the paper's optimisation: about 88% of these pixels are flat background, where the decoder's
 logit-Laplace scale b shrinks without bound, so the paper's loss becomes nearly all background and
@@ -22,12 +23,12 @@ def get_config():
   config.model = dict(resolution=32, group_count=3, n_hid=64, n_blk_per_group=1, n_init=64,
                       vocab_size=512, dtype="float32")
   config.train = launch.config_section(
-      dvae_training.DVAETrainConfig, batch_size=32, num_steps=1_500,
+      dvae_training.DVAETrainConfig, batch_size=32, num_steps=2_500,
       # Held after the warm-up: a decaying rate loses the objects' colours in a short run.
       learning_rate=2e-3, final_learning_rate=2e-3,
-      # The paper's schedule lengths x 0.01: tau anneals over the whole run (150,000 x 0.01),
-      # and so does the rate where a derived config lets it decay.
-      lr_decay_steps=150_000, schedule_scale=0.01,
+      # The paper's schedule lengths scaled to the run: tau anneals over all of it, and so does
+      # the rate where a derived config lets it decay.
+      lr_decay_steps=150_000, schedule_scale=2_500 / 150_000,
       beta=2.5, beta_warmup_steps=0,  # the KL weight at once, and lower than the paper's 6.6
       min_log_scale=-2.0,  # bounds the background's weight; a lower floor merges objects
       tau_end=0.25,  # down to the paper's 1/16 the codes in use collapse in the last steps

@@ -33,6 +33,8 @@ DERIVED = {
                                       "train.schedule_scale", "keep_checkpoints"}),
     "transformer_emoji32": ("transformer_small", {"model.text_vocab_size", "model.dropout",
                                                   "train.num_steps"}),
+    "transformer_shapes": ("transformer_small", {"model.width", "model.head_dim",
+                                                 "train.num_steps"}),
     "reranker_emoji32": ("reranker_small", {"model.resolution", "model.patch_size",
                                             "model.text_vocab_size", "data.dataset",
                                             "data.num_examples"}),

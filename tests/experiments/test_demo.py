@@ -64,7 +64,7 @@ def test_plan_configs_fit_each_other(dataset, tmp_path):
 
 
 # The demo's stage lengths at --steps_scale=1: its configs' num_steps.
-DEMO_STEPS = {"shapes": {"dvae": 1_500, "reranker": 600, "transformer": 1_500},
+DEMO_STEPS = {"shapes": {"dvae": 2_500, "reranker": 600, "transformer": 3_500},
               "emoji": {"dvae": 3_000, "reranker": 600, "transformer": 2_000}}
 
 

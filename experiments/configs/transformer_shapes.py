@@ -1,0 +1,21 @@
+"""The shapes demo's transformer: transformer_small.py's layers at half the width, for more steps.
+
+  python experiments/train_transformer.py --config=experiments/configs/transformer_shapes.py \
+      --workdir=runs/transformer --config.data.codes_dir=runs/codes \
+      --config.data.eval_codes_dir=runs/codes_heldout --config.data.tokenizer_dir=runs/tokenizer
+
+Expected (the shapes demo's transformer stage; 2 CPU cores, malloc on huge pages): 3,500 steps in
+about 5.5 minutes, image-token loss 0.616 train and 0.657 held-out; the demo then draws every
+captioned attribute right in 0.31 of held-out captions reranked.
+"""
+
+from experiments.configs import transformer_small
+
+
+def get_config():
+  config = transformer_small.get_config()
+  # On 2 cores steps buy more than width: on the same codes, 3,000 steps at width 128 (298 s) draw
+  # every attribute right in 0.28 of held-out captions, 3,000 at 256 (711 s) 0.33 (BENCHMARKS.md).
+  config.model.update(width=128, head_dim=32)
+  config.train.update(num_steps=3_500)
+  return config
