@@ -5,8 +5,8 @@
       --config.data.eval_codes_dir=runs/codes_heldout --config.data.tokenizer_dir=runs/tokenizer
 
 Expected (the shapes demo's transformer stage; 2 CPU cores, malloc on huge pages): 3,500 steps in
-about 5.5 minutes, image-token loss 0.616 train and 0.657 held-out; the demo then draws every
-captioned attribute right in 0.31 of held-out captions reranked.
+about 5.5 minutes; at temperature 0.7 (the demo's) it draws every captioned attribute right in
+0.45 of held-out captions, 0.47 reranked (96 captions, seed 1, 8 candidates).
 """
 
 from experiments.configs import transformer_small
