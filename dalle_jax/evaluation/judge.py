@@ -299,6 +299,22 @@ def summarize(verdicts: Sequence[Mapping[str, bool]]) -> dict:
   }
 
 
+def shapes_kept(scenes: Sequence[shapes.Scene], images: np.ndarray) -> dict[str, dict]:
+  """Per "size shape" of the captioned objects ("small star"): the share drawn with their shape.
+
+  An object counts as kept when some detected object of its colour has its shape; this tells
+  which shapes a dVAE's reconstructions lose, where `judge_shapes` says only that one did.
+  """
+  kept: dict[str, list[bool]] = {}
+  for scene, image in zip(scenes, images):
+    blobs = detect_objects(image)
+    for o in scene.objects:
+      right = any(b.colour == o.colour and b.shape == o.shape for b in blobs)
+      kept.setdefault(f"{o.size} {o.shape}", []).append(right)
+  return {name: {"kept": float(np.mean(rights)), "count": len(rights)}
+          for name, rights in sorted(kept.items())}
+
+
 CHANCE_METHOD = ("judged: jittered renders of random training-split scenes (what a model that "
                  "ignores its caption draws) judged against each caption")
 

@@ -117,7 +117,8 @@ def judge_shapes_split(scenes: Sequence[shapes.Scene], images: np.ndarray, seed:
   """The split's summary with its chance level and ceilings, and a label per image.
 
   Ceilings: a jittered ground-truth render of each caption judged as drawn (the judge's own
-  accuracy) and through the dVAE (the most a transformer can get with this dVAE).
+  accuracy) and through the dVAE (the most a transformer can get with this dVAE), each with
+  `judge.shapes_kept`.
   """
   resolution = images.shape[2]
   summary, labels = judge_shapes_samples(scenes, images)
@@ -129,6 +130,7 @@ def judge_shapes_split(scenes: Sequence[shapes.Scene], images: np.ndarray, seed:
                          ("judge_on_dvae_reconstructions", reconstruct(truths))):
     summary[name] = judge.summarize(
         [judge.judge_shapes(p, s) for p, s in zip(pictures, scenes)])
+    summary[name]["shapes_kept"] = judge.shapes_kept(scenes, pictures)
   return summary, labels
 
 

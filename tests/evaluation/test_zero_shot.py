@@ -51,6 +51,23 @@ def _down_up(image: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+def test_shapes_kept_names_the_shape_a_reconstruction_lost():
+  scenes = [shapes.parse_caption(c) for c in (
+      "a small red star to the left of a large blue square", "a small green star at the top",
+      "a large red star in the center")]
+  truths = np.stack([shapes.render_scene(s, 32) for s in scenes])
+  assert judge.shapes_kept(scenes, truths) == {
+      "large square": {"kept": 1.0, "count": 1}, "large star": {"kept": 1.0, "count": 1},
+      "small star": {"kept": 1.0, "count": 2}}
+  # Small stars drawn as circles, as the shapes demo's dVAE does.
+  dots = [shapes.Scene(tuple(o._replace(shape="circle") if o.size == "small" else o
+                             for o in s.objects), s.position, s.relation) for s in scenes]
+  drawn = np.stack([shapes.render_scene(s, 32) for s in dots])
+  kept = judge.shapes_kept(scenes, drawn)
+  assert kept["small star"] == {"kept": 0.0, "count": 2}
+  assert kept["large star"]["kept"] == kept["large square"]["kept"] == 1.0
+
+
 def test_detects_the_renderers_objects_where_it_put_them():
   scene = shapes.parse_caption("a large blue diamond to the left of a small yellow star")
   blobs = judge.detect_objects(shapes.render_scene(scene, 32))
@@ -297,6 +314,8 @@ def test_script_writes_the_results(runs, tmp_path):
     assert r["without_reranking"]["count"] == 3 * 3  # every candidate
     assert r["judge_on_ground_truth"]["count"] == r["judge_on_dvae_reconstructions"]["count"] == 3
     assert r["judge_on_ground_truth"]["accuracy"] >= 2 / 3  # 16 px: small shapes are 3.5 px
+    kept = r["judge_on_dvae_reconstructions"]["shapes_kept"]
+    assert sum(k["count"] for k in kept.values()) == 1 + 2 * 2  # one one-object, two two-object
     assert set(r["attributes"]) == set(judge.ATTRIBUTES)
     assert r["attribute_counts"]["position"] == 2 and r["attribute_counts"]["relation"] == 4
     assert len(r["captions"]) == 3 and all(len(c["verdicts"]) == 2 for c in r["captions"])
