@@ -5,6 +5,10 @@
     result = gen.generate(["a red circle", "two blue squares"], num_candidates=8, keep=2)
     result.pil()[0][0]   # the best of 8 for "a red circle", a PIL image
 
+Candidates are reranked by a `train_reranker.py` run (`reranker=`, the paper's CLIP-style
+reranker) or by the transformer itself against each caption's near misses (`near_misses="shapes"`,
+`dalle_jax.rerank.caption_contrast`).
+
 `Generator.load` reads a `train_transformer.py` run (its EMA parameters), its tokenizer and the dVAE
 that decodes its codes: a `train_dvae.py` run, a directory holding OpenAI's released `encoder.pkl`
 and `decoder.pkl`, or those two paths. Sample g of a call (counted over every caption's
@@ -18,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import jax
@@ -32,7 +36,7 @@ from dalle_jax import sharding
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import code_shards, preprocess
 from dalle_jax.dvae import model as dvae, openai_weights, training as dvae_training
-from dalle_jax.rerank import training as rerank_training
+from dalle_jax.rerank import caption_contrast, training as rerank_training
 from dalle_jax.transformer import sampling
 from dalle_jax.transformer import training as transformer_training
 # What users hand in (captions, prompts files, images), and the error they get: part of this API.
@@ -126,13 +130,20 @@ class Generator:
   def __init__(self, config: TransformerConfig, params: Any, tokenizer: tokenizer_lib.Tokenizer,
                dvae_config: dvae.DVAEConfig, dvae_params: Any,
                reranker: rerank_training.TrainedReranker | None = None, *, mesh=None,
-               param_shardings: Any = None, run_config: dict | None = None):
+               param_shardings: Any = None, run_config: dict | None = None,
+               near_misses: Callable[[str], Sequence[str]] | None = None):
     if (tokenizer.vocab_size, tokenizer.text_len) != (config.text_vocab_size, config.text_len):
       raise GenerationError(
           f"the tokenizer has {tokenizer.vocab_size} pieces and text_len {tokenizer.text_len}, the "
           f"transformer {config.text_vocab_size} and {config.text_len}: pass the run's tokenizer "
           "(tokenizer=, --tokenizer_dir)")
+    if reranker is not None and near_misses is not None:
+      raise GenerationError("rerank by a reranker run or by near misses, not both: pass one of "
+                            "reranker= (--reranker) and near_misses= (--near_misses)")
     self.config, self.params, self.tokenizer = config, params, tokenizer
+    self.near_misses = near_misses
+    self._contrast = (caption_contrast.CaptionContrast(config, near_misses)
+                      if near_misses is not None else None)
     self.dvae_config, self.dvae_params, self.reranker = dvae_config, dvae_params, reranker
     self.mesh, self.param_shardings = mesh, param_shardings
     self.run_config = run_config or {}
@@ -142,10 +153,12 @@ class Generator:
   @classmethod
   def load(cls, workdir: str, reranker: str | None = None, dvae: Any = None, *,
            tokenizer: str | None = None, step: int | None = None, ema: bool = True,
-           mesh=None) -> Generator:
+           mesh=None, near_misses: str | Callable[[str], Sequence[str]] | None = None
+           ) -> Generator:
     """A `train_transformer.py` run (EMA parameters unless `ema=False`), its tokenizer and dVAE
-    (defaults: those its config names; `dvae` as `load_dvae` takes it) and a `train_reranker.py`
-    run. With a `mesh` (axes data, fsdp, tensor) the parameters are read straight into the
+    (defaults: those its config names; `dvae` as `load_dvae` takes it) and either a
+    `train_reranker.py` run or `near_misses` (a name in `caption_contrast.NEAR_MISSES`, or
+    caption -> its near-miss captions) to rerank by caption contrast. With a `mesh` (axes data, fsdp, tensor) the parameters are read straight into the
     shards training gives them (the run's `sharding_rules`), so a model too large for one device
     draws across several."""
     try:
@@ -155,6 +168,11 @@ class Generator:
       raise ValueError(f"{error}\nThe arrays in {workdir}/checkpoints were written by another "
                        "model config: pass the workdir of the run that wrote them, or put back "
                        "that run's config.json.") from error
+    if isinstance(near_misses, str):
+      if near_misses not in caption_contrast.NEAR_MISSES:
+        raise GenerationError(f"near_misses {near_misses!r} is not one of "
+                              f"{sorted(caption_contrast.NEAR_MISSES)}")
+      near_misses = caption_contrast.NEAR_MISSES[near_misses]
     data = run_config.get("data", {})
     tokenizer_dir = tokenizer or data.get("tokenizer_dir")
     if not tokenizer_dir:
@@ -163,7 +181,7 @@ class Generator:
     dvae_config, dvae_params = load_dvae(dvae or data.get("dvae_workdir", ""), config)
     return cls(config, params, tokenizer_lib.Tokenizer.load(tokenizer_dir), dvae_config,
                dvae_params, rerank_training.TrainedReranker(reranker) if reranker else None,
-               mesh=mesh, run_config=run_config,
+               mesh=mesh, run_config=run_config, near_misses=near_misses,
                param_shardings=None if mesh is None else transformer_training.param_shardings(
                    config, mesh, transformer_training.run_rules(run_config)))
 
@@ -178,7 +196,8 @@ class Generator:
 
   @property
   def has_reranker(self) -> bool:
-    return self.reranker is not None
+    """Whether candidates are reranked: by a reranker run or by near misses."""
+    return self.reranker is not None or self.near_misses is not None
 
   def example_captions(self, count: int = 8) -> list[tuple[str, bool]]:
     """Up to `count` (caption, held_out) pairs from the first shard of the run's training and
@@ -232,9 +251,10 @@ class Generator:
     if num_candidates < 1 or not 1 <= keep <= num_candidates:
       raise GenerationError(f"need num_candidates >= 1 and 1 <= keep <= num_candidates, got "
                             f"{num_candidates} and {keep}")
-    if keep < num_candidates and self.reranker is None:
+    if keep < num_candidates and not self.has_reranker:
       raise GenerationError(f"keeping {keep} of {num_candidates} candidates needs a reranker: "
-                            "load one (reranker=, --reranker) or keep them all")
+                            "load one (reranker=, --reranker; or near_misses=, --near_misses) "
+                            "or keep them all")
     if not temperature > 0:
       raise GenerationError(f"temperature must be > 0, got {temperature}")
     if top_k < 0 or top_k != int(top_k):
@@ -272,6 +292,26 @@ class Generator:
     self.dvae_params = _place(self.dvae_params, whole)  # kept placed: the next call reuses it
     return mesh, on_mesh, params, self.dvae_params
 
+  def _scorer(self, captions: list[str], text: np.ndarray, notes: list[str]
+              ) -> Callable[..., np.ndarray] | None:
+    """None without reranking; else (caption index int[B], images, codes, transformer params)
+    -> float32[B], higher is better. Captions without near misses get a note."""
+    if self.reranker is not None:
+      rerank_text = self.encode_captions(captions, self.reranker.tokenizer)[0]
+      return lambda owner, images, codes, params: self.reranker.score(images, rerank_text[owner])
+    if self._contrast is None:
+      return None
+    alternatives = []
+    for caption in captions:
+      misses = list(self.near_misses(caption))
+      if not misses and caption.strip():
+        notes.append(f"caption {shorten(caption)!r} has no near misses to contrast it with: its "
+                     "candidates are kept in the order drawn")
+      alternatives.append(self.encode_captions(misses)[0] if misses
+                          else np.zeros((0, self.text_len), text.dtype))
+    return lambda owner, images, codes, params: self._contrast.score(
+        params, text[owner], codes, [alternatives[i] for i in owner])
+
   def batch_size(self, batch_size: int, total: int) -> int:
     """Samples per call: at most `batch_size`, a whole number per device of a given mesh."""
     batch = min(batch_size, total)
@@ -308,11 +348,9 @@ class Generator:
     if prime_image is not None:
       prime, resized = self.encode_image(prime_image)
       notes += resized
+    score = self._scorer(captions, text, notes)
     for note in notes:
       logging.warning("%s", note)
-    rerank_text = None
-    if self.reranker is not None:
-      rerank_text = self.encode_captions(captions, self.reranker.tokenizer)[0]
     settings = sampling.SampleSettings(
         temperature=jnp.float32(temperature), top_k=jnp.int32(top_k), top_p=jnp.float32(top_p),
         guidance=jnp.float32(guidance), prime_rows=jnp.int32(prime_rows))
@@ -331,7 +369,7 @@ class Generator:
               jax.random.wrap_key_data(on_mesh(keys)), settings, primes)
 
     timing = {"compile_s": 0.0, "sampling_s": 0.0}
-    if self.reranker is not None:
+    if score is not None:
       timing["scoring_s"] = 0.0
     # Per caption: (score, candidate, image, codes), pruned to the `keep` best as batches arrive.
     kept: list[list[tuple]] = [[] for _ in captions]
@@ -355,14 +393,14 @@ class Generator:
                                                                            tiled=True)
       images, codes = np.asarray(images), np.asarray(codes)
       scores = np.zeros(batch, np.float32)
-      if self.reranker is not None:  # the whole padded batch: one compiled shape
+      if score is not None:  # the whole padded batch: one compiled shape
         began = time.perf_counter()
-        scores = self.reranker.score(images, rerank_text[index // num_candidates])
+        scores = score(index // num_candidates, images, codes, params)
         timing["scoring_s"] += time.perf_counter() - began
       for row in range(min(batch, total - start)):
         caption, candidate = divmod(start + row, num_candidates)
         kept[caption].append((float(scores[row]), candidate, images[row], codes[row]))
-        if self.reranker is not None:
+        if score is not None:
           kept[caption] = sorted(kept[caption], key=lambda c: (-c[0], c[1]))[:keep]
       bar.update(min(batch, total - start))
     bar.close()
@@ -370,7 +408,7 @@ class Generator:
                                                                         1e-9)
     field = lambda i, dtype: np.array([[c[i] for c in cs] for cs in kept], dtype)
     return Result(images=field(2, np.uint8), codes=field(3, np.int32),
-                  scores=field(0, np.float32) if self.reranker is not None else None,
+                  scores=field(0, np.float32) if score is not None else None,
                   truncated=truncated, texts=[self.tokenizer.decode(row) for row in text],
                   candidates=field(1, np.int64), notes=notes,
                   timing=timing)

@@ -3,10 +3,12 @@
   make app RUN=demo_out           # after `make demo`; then open http://127.0.0.1:7860
   python experiments/app.py --run=demo_out --port=7860
   python experiments/app.py --workdir=runs/transformer --reranker=runs/reranker
+  python experiments/app.py --workdir=runs/transformer --near_misses=shapes
 
 A caption, the sampling settings (guidance, top-k, temperature), how many candidates to draw and
 how many of the best to keep, a seed, and optionally an image whose top rows of codes every
-sample keeps. The gallery shows the kept images with their reranker scores; the examples are
+sample keeps. Candidates are reranked by a reranker run or, for a dataset with near-miss captions
+(the shapes demo), by the transformer itself. The gallery shows the kept images with their scores; the examples are
 captions from the run's dataset, held-out ones marked. Bad input is reported in the page.
 Serves on localhost only; nothing is sent out or downloaded (Gradio's analytics are off).
 """
@@ -22,11 +24,16 @@ from absl import app, flags, logging  # noqa: E402
 import gradio as gr  # noqa: E402
 
 from dalle_jax import generate  # noqa: E402
+from dalle_jax.rerank import caption_contrast  # noqa: E402
 
 _RUN = flags.DEFINE_string("run", None, "A `make demo` output directory (--out): its "
-                           "work/transformer and, when present, work/reranker are served.")
+                           "work/transformer is served, reranked by work/reranker when present, "
+                           "else by its dataset's near misses when it has them.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A train_transformer.py workdir (instead of --run).")
 _RERANKER = flags.DEFINE_string("reranker", None, "A train_reranker.py workdir (with --workdir).")
+_NEAR_MISSES = flags.DEFINE_enum("near_misses", None, sorted(caption_contrast.NEAR_MISSES),
+                                 "With --workdir, instead of --reranker: the transformer reranks, "
+                                 "against each caption's near misses.")
 _DVAE = flags.DEFINE_string("dvae", None, "A train_dvae.py workdir, or a directory with OpenAI's "
                             "encoder.pkl and decoder.pkl; default: the one the run names.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (localhost by default).")
@@ -36,17 +43,25 @@ flags.mark_flags_as_mutual_exclusive(["run", "workdir"], required=True)
 MAX_CANDIDATES = 64
 
 
-def run_paths(run: str | None, workdir: str | None, reranker: str | None
-              ) -> tuple[str, str | None]:
-  """The transformer and reranker workdirs named by --run or by --workdir and --reranker."""
+def run_paths(run: str | None, workdir: str | None, reranker: str | None,
+              near_misses: str | None = None) -> tuple[str, str | None, str | None]:
+  """The transformer and reranker workdirs and the near misses, named by --run or by --workdir,
+  --reranker and --near_misses."""
   if run is None:
-    return workdir, reranker
+    return workdir, reranker, near_misses
   transformer = os.path.join(run, "work", "transformer")
   if not os.path.isdir(transformer):
     raise app.UsageError(f"{transformer} not found: --run takes the --out of `make demo` "
                          "(demo_out by default); or pass --workdir")
   reranker = os.path.join(run, "work", "reranker")
-  return transformer, reranker if os.path.isdir(reranker) else None
+  if os.path.isdir(reranker):
+    return transformer, reranker, None
+  dataset = os.path.join(run, "work", "dataset")  # written by demo.py
+  name = None
+  if os.path.isfile(dataset):
+    with open(dataset) as f:
+      name = f.read().strip()
+  return transformer, None, name if name in caption_contrast.NEAR_MISSES else None
 
 
 def draw(gen: generate.Generator, caption: str, guidance: float, top_k: float,
@@ -130,8 +145,10 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
   began = time.perf_counter()
-  transformer, reranker = run_paths(_RUN.value, _WORKDIR.value, _RERANKER.value)
-  gen = generate.Generator.load(transformer, reranker=reranker, dvae=_DVAE.value)
+  transformer, reranker, near_misses = run_paths(_RUN.value, _WORKDIR.value, _RERANKER.value,
+                                                 _NEAR_MISSES.value)
+  gen = generate.Generator.load(transformer, reranker=reranker, near_misses=near_misses,
+                                dvae=_DVAE.value)
   page = build(gen)
   print(f"loaded {transformer} in {time.perf_counter() - began:.1f} s; serving on "
         f"http://{_HOST.value}:{_PORT.value}", flush=True)

@@ -8,11 +8,15 @@ Runs every stage's script in turn, each in its own workdir under `--out/work` (s
 started again resumes where it stopped: every stage resumes or skips finished work):
 
   train_tokenizer.py -> train_dvae.py -> encode_dataset.py (train and held-out splits)
-  -> train_reranker.py -> train_transformer.py -> sample.py (held-out and training captions,
-  reranked) -> eval_zero_shot.py (shapes: the share of samples with every captioned attribute;
-  emoji: the share nearest to their own variant among the family's renders; the reranker keeps
-  2 of 8 candidates per caption, as the paper reranks, and the figure over all 8 is kept too;
-  both sample at the dataset's classifier-free guidance, 3 for emoji, or --guidance)
+  -> train_reranker.py (emoji) -> train_transformer.py -> sample.py (held-out and training
+  captions, reranked) -> eval_zero_shot.py (shapes: the share of samples with every captioned
+  attribute; emoji: the share nearest to their own variant among the family's renders; reranking
+  keeps 2 of 8 candidates per caption, as the paper reranks, and the figure over all 8 is kept
+  too; both sample at the dataset's classifier-free guidance, 3 for emoji, or --guidance)
+
+Shapes reranks without a reranker run: the transformer scores each candidate against its caption's
+near misses (dalle_jax/rerank/caption_contrast.py), which picks shapes better than the CLIP-style
+reranker the emoji demo trains.
 
 and writes into `--out`: samples.png (captioned grid; held-out captions framed in red),
 reconstructions.png (dVAE input beside output), loss_curves.png, zero_shot.png (judged samples)
@@ -41,7 +45,7 @@ from dalle_jax.train import launch
 # The repository root: configs are imported (and import each other) as experiments.configs.<name>.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.configs import (  # noqa: E402
-    dvae_emoji32, dvae_shapes, reranker_emoji32, reranker_small, transformer_emoji32,
+    dvae_emoji32, dvae_shapes, reranker_emoji32, transformer_emoji32,
     transformer_shapes)
 
 FLAGS = flags.FLAGS  # defined by define_flags(), below
@@ -153,23 +157,27 @@ def emoji_summary(results: dict) -> dict:
 class Plan:
   """Everything the demo does differently per dataset."""
   tokenizer_flags: Callable[[str], list[str]]  # the work dir -> train_tokenizer.py's data flags
-  # Stage -> its config module in experiments/configs ("dvae", "reranker", "transformer"): the
-  # file its script runs, and the stage's length at --steps_scale=1 (train.num_steps).
+  # Stage -> its config module in experiments/configs ("dvae", "transformer" and, without
+  # near_misses, "reranker"): the file its script runs, and the stage's length at
+  # --steps_scale=1 (train.num_steps).
   configs: dict[str, types.ModuleType]
   encode_counts: dict[str, int | None]  # split -> encode_dataset.py --num_examples (None: all)
   captions: Callable[[], tuple[list[str], list[bool]]]  # for samples.png, and which are held out
   zero_shot_summary: Callable[[dict], dict]  # eval_zero_shot.py's JSON -> metrics.json's part
   guidance: float = 1.0  # classifier-free guidance scale of the samples and of the zero-shot judge
   temperature: float = 1.0  # sampling temperature of the samples and of the zero-shot judge
+  # Rerank by caption contrast against these near misses (caption_contrast.NEAR_MISSES) instead
+  # of a trained reranker.
+  near_misses: str | None = None
 
 
 PLANS = {
     # Its configs' lengths fit the whole demo in 15 minutes on 2 cores.
     "shapes": Plan(
         tokenizer_flags=shapes_tokenizer_flags,
-        configs={"dvae": dvae_shapes, "reranker": reranker_small, "transformer": transformer_shapes},
+        configs={"dvae": dvae_shapes, "transformer": transformer_shapes},
         encode_counts={"train": 20_000, "heldout": 512}, captions=shapes_captions,
-        zero_shot_summary=shapes_summary,
+        zero_shot_summary=shapes_summary, near_misses="shapes",
         # A short run's codes are noisy at 1: 0.7 takes held-out drawn 0.38 -> 0.45 and reranked
         # 0.45 -> 0.47; 0.5 loses diversity (0.43, 0.45; 96 captions, seed 1).
         temperature=0.7),
@@ -216,6 +224,7 @@ def main(argv):
   dvae_scale = FLAGS.dvae_steps_scale
   scales = {"dvae": FLAGS.steps_scale if dvae_scale is None else dvae_scale,
             "reranker": FLAGS.steps_scale, "transformer": FLAGS.steps_scale}
+  scales = {stage: scales[stage] for stage in plan.configs}
   steps = stage_steps(plan, scales)
   config_file = {stage: config.__file__ for stage, config in plan.configs.items()}
   path = lambda *p: os.path.join(work, *p)
@@ -236,9 +245,13 @@ def main(argv):
         *([f"--num_examples={count}"] if count else []),
         f"--out_dir={path('codes_' + split)}", "--batch_size=128", "--shard_size=4096",
         timings=timings)
-  run("reranker", "train_reranker.py", f"--config={config_file['reranker']}",
-      f"--workdir={path('reranker')}", f"--config.train.num_steps={steps['reranker']}",
-      f"--config.data.tokenizer_dir={path('tokenizer')}", timings=timings)
+  if plan.near_misses:
+    rerank = [f"--near_misses={plan.near_misses}"]
+  else:
+    rerank = [f"--reranker={path('reranker')}"]
+    run("reranker", "train_reranker.py", f"--config={config_file['reranker']}",
+        f"--workdir={path('reranker')}", f"--config.train.num_steps={steps['reranker']}",
+        f"--config.data.tokenizer_dir={path('tokenizer')}", timings=timings)
   run("transformer", "train_transformer.py", f"--config={config_file['transformer']}",
       f"--workdir={path('transformer')}", f"--config.train.num_steps={steps['transformer']}",
       f"--config.data.codes_dir={path('codes_train')}",
@@ -251,14 +264,14 @@ def main(argv):
     f.write("\n".join(captions) + "\n")
   run("sample", "sample.py", f"--checkpoint={path('transformer')}",
       f"--prompts_file={path('prompts.txt')}", f"--num_samples={FLAGS.samples_per_caption}",
-      f"--rerank={FLAGS.candidates}", f"--keep={FLAGS.samples_per_caption}",
-      f"--reranker={path('reranker')}", f"--out={path('samples')}", "--batch_size=32",
+      f"--rerank={FLAGS.candidates}", f"--keep={FLAGS.samples_per_caption}", *rerank,
+      f"--out={path('samples')}", "--batch_size=32",
       f"--guidance={guidance}", f"--temperature={plan.temperature}", timings=timings)
 
   run("zero_shot", "eval_zero_shot.py", f"--transformer_workdir={path('transformer')}",
       f"--dataset={FLAGS.dataset}", f"--num_captions={FLAGS.zero_shot_captions}",
       "--samples_per_caption=2", "--batch_size=32", f"--out={path('zero_shot.json')}",
-      f"--candidates={FLAGS.zero_shot_candidates}", f"--reranker={path('reranker')}",
+      f"--candidates={FLAGS.zero_shot_candidates}", *rerank,
       f"--grid={os.path.join(out, 'zero_shot.png')}", f"--guidance={guidance}",
       f"--temperature={plan.temperature}", timings=timings)
 

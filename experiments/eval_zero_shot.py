@@ -4,6 +4,8 @@
       --num_captions=64 --samples_per_caption=4 --top_k=64 --out=zero_shot.json --grid=zs.png
   python experiments/eval_zero_shot.py --transformer_workdir=runs/emoji --dataset=emoji \
       --samples_per_caption=2 --candidates=8 --reranker=runs/reranker
+  python experiments/eval_zero_shot.py --transformer_workdir=runs/transformer --dataset=shapes \
+      --samples_per_caption=2 --candidates=8 --near_misses=shapes   # the transformer reranks
 
 Shapes: the share of samples with every captioned attribute, beside chance and the judge on
 ground truth (as drawn and through the dVAE); emoji: the share nearest their own variant among
@@ -19,6 +21,7 @@ from absl import app, flags, logging
 
 from dalle_jax import generate
 from dalle_jax.evaluation import zero_shot
+from dalle_jax.rerank import caption_contrast
 
 _TRANSFORMER = flags.DEFINE_string("transformer_workdir", None, "A train_transformer.py workdir.",
                                    required=True)
@@ -45,6 +48,9 @@ _CANDIDATES = flags.DEFINE_integer("candidates", 0, "Rerank: draw this many per 
                                    "no reranking.", lower_bound=0)
 _RERANKER = flags.DEFINE_string("reranker", None, "With --candidates: a train_reranker.py "
                                 "workdir.")
+_NEAR_MISSES = flags.DEFINE_enum("near_misses", None, sorted(caption_contrast.NEAR_MISSES),
+                                 "With --candidates, instead of --reranker: the transformer "
+                                 "reranks, against each caption's near misses.")
 _CHANCE_DRAWS = flags.DEFINE_integer("chance_draws", 4, "shapes: random training images judged "
                                      "per caption for the chance level.", lower_bound=1)
 _OUT = flags.DEFINE_string("out", "zero_shot.json", "Where the results JSON goes.")
@@ -55,13 +61,15 @@ _GRID = flags.DEFINE_string("grid", None, "Optional PNG of every sample, held-ou
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
-  if _CANDIDATES.value and not _RERANKER.value:
-    sys.exit("eval_zero_shot.py: --candidates needs --reranker (a train_reranker.py workdir)")
+  if _CANDIDATES.value and not (_RERANKER.value or _NEAR_MISSES.value):
+    sys.exit("eval_zero_shot.py: --candidates needs --reranker (a train_reranker.py workdir) "
+             "or --near_misses")
   try:
-    gen = generate.Generator.load(_TRANSFORMER.value, reranker=_RERANKER.value if
-                                  _CANDIDATES.value else None, dvae=_DVAE_WORKDIR.value,
-                                  tokenizer=_TOKENIZER_DIR.value, step=_STEP.value,
-                                  ema=not _RAW_PARAMS.value)
+    gen = generate.Generator.load(
+        _TRANSFORMER.value, reranker=_RERANKER.value if _CANDIDATES.value else None,
+        near_misses=_NEAR_MISSES.value if _CANDIDATES.value else None,
+        dvae=_DVAE_WORKDIR.value, tokenizer=_TOKENIZER_DIR.value, step=_STEP.value,
+        ema=not _RAW_PARAMS.value)
     results = zero_shot.evaluate(
         gen, _DATASET.value, num_captions=_NUM_CAPTIONS.value,
         samples_per_caption=_SAMPLES.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
@@ -72,6 +80,7 @@ def main(argv):
     sys.exit(f"eval_zero_shot.py: {error}")
   results.update(transformer_workdir=_TRANSFORMER.value, step=_STEP.value,
                  ema=not _RAW_PARAMS.value, reranker_workdir=_RERANKER.value,
+                 near_misses=_NEAR_MISSES.value,
                  dvae_workdir=_DVAE_WORKDIR.value or
                  gen.run_config.get("data", {}).get("dvae_workdir"))
   if os.path.dirname(_OUT.value):

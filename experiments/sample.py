@@ -11,7 +11,8 @@
 samples, H, W]) and samples.json (settings, prompts, files, scores). Sample g (counted over all
 prompts' candidates) draws from `fold_in(key(seed), g)`, so a seed gives the same images whatever
 --batch_size. With --rerank=N each prompt gets N candidates, scored by the --reranker run
-(dalle_jax/rerank/model.py), and the --keep best are written, best first. The drawing is
+(dalle_jax/rerank/model.py) or by the transformer against each caption's --near_misses
+(dalle_jax/rerank/caption_contrast.py), and the --keep best are written, best first. The drawing is
 `dalle_jax/generate.py`'s `Generator`; this script reads flags and writes files.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from dalle_jax import generate, image_grid, sharding
+from dalle_jax.rerank import caption_contrast
 from dalle_jax.scaling import fit_check
 from dalle_jax.train.checkpointing import read_run_config
 from dalle_jax.transformer import training as transformer_training
@@ -49,6 +51,9 @@ _RERANK = flags.DEFINE_integer("rerank", 0, "Draw this many candidates per promp
 _KEEP = flags.DEFINE_integer("keep", None, "With --rerank: images kept per prompt (default "
                              "--num_samples).", lower_bound=1)
 _RERANKER = flags.DEFINE_string("reranker", None, "With --rerank: the reranker's workdir.")
+_NEAR_MISSES = flags.DEFINE_enum("near_misses", None, sorted(caption_contrast.NEAR_MISSES),
+                                 "With --rerank, instead of --reranker: the transformer reranks, "
+                                 "against each caption's near misses.")
 _PRIME_IMAGE = flags.DEFINE_string("prime_image", None, "An image file whose top --prime_rows "
                                    "rows of codes every sample keeps (its centre square, resized "
                                    "to the dVAE's resolution).")
@@ -92,13 +97,15 @@ def check_flags() -> None:
     raise generate.GenerationError("--prime_rows needs --prime_image (the image whose codes are "
                                    "kept)")
   if _RERANK.value:
-    if not _RERANKER.value:
-      raise generate.GenerationError("--rerank needs --reranker (the reranker's workdir)")
+    if not (_RERANKER.value or _NEAR_MISSES.value):
+      raise generate.GenerationError("--rerank needs --reranker (the reranker's workdir) or "
+                                     "--near_misses")
     if (_KEEP.value or _NUM_SAMPLES.value) > _RERANK.value:
       raise generate.GenerationError(f"--keep {_KEEP.value or _NUM_SAMPLES.value} is more than "
                                      f"the --rerank {_RERANK.value} candidates")
-  elif _KEEP.value or _RERANKER.value:
-    raise generate.GenerationError("--keep and --reranker only apply with --rerank=N")
+  elif _KEEP.value or _RERANKER.value or _NEAR_MISSES.value:
+    raise generate.GenerationError("--keep, --reranker and --near_misses only apply with "
+                                   "--rerank=N")
 
 
 def main(argv):
@@ -131,6 +138,7 @@ def draw_and_write() -> None:
   if _FSDP.value * _TENSOR.value > 1:
     mesh = sharding.make_mesh(**split, devices=jax.local_devices())
   gen = generate.Generator.load(_CHECKPOINT.value, reranker=_RERANKER.value,
+                                near_misses=_NEAR_MISSES.value,
                                 dvae=_DVAE_WORKDIR.value, tokenizer=_TOKENIZER_DIR.value,
                                 step=_STEP.value, ema=not _RAW_PARAMS.value, mesh=mesh)
   if prime is not None:
@@ -177,6 +185,7 @@ def draw_and_write() -> None:
                    "top_p": _TOP_P.value, "guidance": _GUIDANCE.value,
                    "prime_image": _PRIME_IMAGE.value, "prime_rows": _PRIME_ROWS.value},
       "num_samples": keep, "rerank": _RERANK.value, "reranker": _RERANKER.value,
+      "near_misses": _NEAR_MISSES.value,
       "grid": "grid.png", "codes": "codes.npz", "prompts": entries, "notes": result.notes,
       "timing": timing,
   }

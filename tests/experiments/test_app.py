@@ -1,6 +1,7 @@
 """experiments/app.py served for real on localhost: driven with gradio_client, rendered by headless
 Chromium (Debian's `chromium`, which `make setup` installs) over the DevTools protocol."""
 
+import ast
 import base64
 import json
 import os
@@ -270,6 +271,29 @@ def test_the_page_renders_the_gallery_in_chromium(server, client, tmp_path):
   assert screenshot.shape == (900, 1280, 3)
   # The tiny model's samples are noise: many colours, where the empty page has a handful.
   assert len(np.unique(screenshot.reshape(-1, 3), axis=0)) > 1000
+
+
+def test_a_demo_run_is_reranked_by_its_reranker_or_else_its_dataset_s_near_misses(tmp_path):
+  work = tmp_path / "run" / "work"
+  (work / "transformer").mkdir(parents=True)
+  script = ("import sys; sys.path.insert(0, sys.argv[1]); import app; "
+            "print(repr(app.run_paths(sys.argv[2], None, None)))")
+
+  def resolved():
+    done = subprocess.run([sys.executable, "-c", script, os.path.dirname(APP),
+                           str(tmp_path / "run")], env={**os.environ, **CACHE_ENV,
+                                                        "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
+
+  transformer = str(work / "transformer")
+  (work / "dataset").write_text("shapes\n")
+  assert resolved() == (transformer, None, "shapes")
+  (work / "dataset").write_text("emoji\n")
+  assert resolved() == (transformer, None, None)
+  (work / "reranker").mkdir()
+  assert resolved() == (transformer, str(work / "reranker"), None)
 
 
 def test_nothing_reaches_out(server, client, trap):

@@ -14,7 +14,7 @@ from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import emoji, shapes
 from dalle_jax.dvae import model as dvae
 from dalle_jax.evaluation import judge, zero_shot
-from dalle_jax.rerank import model as rerank
+from dalle_jax.rerank import caption_contrast, model as rerank
 from dalle_jax.transformer.model import TransformerConfig
 from conftest import REPO
 
@@ -45,26 +45,32 @@ def test_plan_configs_fit_each_other(dataset, tmp_path):
   plan = demo.PLANS[dataset]
   flags = plan.tokenizer_flags(str(tmp_path))
   text = int(_flag(flags, "vocab_size")), int(_flag(flags, "text_len"))
-  dvae_config, reranker_config, transformer_config = (
-      plan.configs[stage].get_config() for stage in ("dvae", "reranker", "transformer"))
+  dvae_config, transformer_config = (plan.configs[s].get_config() for s in ("dvae", "transformer"))
   model = dvae.DVAEConfig(**dvae_config.model)
   transformer = TransformerConfig(**transformer_config.model)
-  reranker = rerank.RerankerConfig(**reranker_config.model)
   assert (transformer.text_vocab_size, transformer.text_len) == text
-  assert (reranker.text_vocab_size, reranker.text_len) == text
   assert (transformer.image_vocab_size, transformer.image_size) == (model.vocab_size,
                                                                     model.code_resolution)
-  assert dvae_config.data.dataset == reranker_config.data.dataset == dataset
+  assert dvae_config.data.dataset == dataset
   # The held-out split is only ever evaluation data.
-  assert dvae_config.data.split == reranker_config.data.split == "train"
+  assert dvae_config.data.split == "train"
   assert set(plan.encode_counts) == {"train", "heldout"}
-  assert set(plan.configs) == {"dvae", "reranker", "transformer"}
+  # Reranked either by a trained reranker or by near misses: exactly one.
+  if plan.near_misses is None:
+    assert set(plan.configs) == {"dvae", "reranker", "transformer"}
+    reranker_config = plan.configs["reranker"].get_config()
+    reranker = rerank.RerankerConfig(**reranker_config.model)
+    assert (reranker.text_vocab_size, reranker.text_len) == text
+    assert reranker_config.data.dataset == dataset and reranker_config.data.split == "train"
+  else:
+    assert set(plan.configs) == {"dvae", "transformer"}
+    assert plan.near_misses in caption_contrast.NEAR_MISSES
   # Guidance mixes in the empty caption's logits: only a model trained on empty captions has them.
   assert plan.guidance == 1.0 or transformer_config.train.caption_dropout > 0
 
 
 # The demo's stage lengths at --steps_scale=1: its configs' num_steps.
-DEMO_STEPS = {"shapes": {"dvae": 2_500, "reranker": 600, "transformer": 3_500},
+DEMO_STEPS = {"shapes": {"dvae": 2_500, "transformer": 3_500},
               "emoji": {"dvae": 3_000, "reranker": 600, "transformer": 2_000}}
 
 
@@ -75,8 +81,8 @@ def test_stage_lengths_are_the_configs_num_steps_times_the_scale(dataset):
   assert num_steps == DEMO_STEPS[dataset]
   assert demo.stage_steps(plan, dict.fromkeys(num_steps, 1.0)) == num_steps
   scaled = demo.stage_steps(plan, {"dvae": 7.0, "reranker": 4.0, "transformer": 1e-9})
-  assert scaled == {"dvae": 7 * num_steps["dvae"], "reranker": 4 * num_steps["reranker"],
-                    "transformer": 1}
+  assert scaled == {"dvae": 7 * num_steps["dvae"], "transformer": 1,
+                    **({"reranker": 4 * num_steps["reranker"]} if "reranker" in num_steps else {})}
 
 
 def test_shapes_captions_hold_out_first():
