@@ -7,7 +7,7 @@
 
 Candidates are reranked by a `train_reranker.py` run (`reranker=`, the paper's CLIP-style
 reranker) or by the transformer itself against each caption's near misses (`near_misses="shapes"`,
-`dalle_jax.rerank.caption_contrast`).
+`dalle_jax.transformer.caption_contrast`).
 
 `Generator.load` reads a `train_transformer.py` run (its EMA parameters), its tokenizer and the dVAE
 that decodes its codes: a `train_dvae.py` run, a directory holding OpenAI's released `encoder.pkl`
@@ -36,8 +36,8 @@ from dalle_jax import sharding
 from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import code_shards, preprocess
 from dalle_jax.dvae import model as dvae, openai_weights, training as dvae_training
-from dalle_jax.rerank import caption_contrast, training as rerank_training
-from dalle_jax.transformer import sampling
+from dalle_jax.rerank import training as rerank_training
+from dalle_jax.transformer import caption_contrast, sampling
 from dalle_jax.transformer import training as transformer_training
 # What users hand in (captions, prompts files, images), and the error they get: part of this API.
 from dalle_jax.transformer.model import TransformerConfig
@@ -158,9 +158,9 @@ class Generator:
     """A `train_transformer.py` run (EMA parameters unless `ema=False`), its tokenizer and dVAE
     (defaults: those its config names; `dvae` as `load_dvae` takes it) and either a
     `train_reranker.py` run or `near_misses` (a name in `caption_contrast.NEAR_MISSES`, or
-    caption -> its near-miss captions) to rerank by caption contrast. With a `mesh` (axes data, fsdp, tensor) the parameters are read straight into the
-    shards training gives them (the run's `sharding_rules`), so a model too large for one device
-    draws across several."""
+    caption -> its near-miss captions) to rerank by caption contrast. With a `mesh` (axes data,
+    fsdp, tensor) the parameters are read straight into the shards training gives them (the run's
+    `sharding_rules`), so a model too large for one device draws across several."""
     try:
       config, params, run_config = transformer_training.load_trained(workdir, step, ema=ema,
                                                                      mesh=mesh)

@@ -8,9 +8,10 @@
 A caption, the sampling settings (guidance, top-k, temperature), how many candidates to draw and
 how many of the best to keep, a seed, and optionally an image whose top rows of codes every
 sample keeps. Candidates are reranked by a reranker run or, for a dataset with near-miss captions
-(the shapes demo), by the transformer itself. The gallery shows the kept images with their scores; the examples are
-captions from the run's dataset, held-out ones marked. Bad input is reported in the page.
-Serves on localhost only; nothing is sent out or downloaded (Gradio's analytics are off).
+(the shapes demo), by the transformer itself. The gallery shows the kept images with their
+scores; the examples are captions from the run's dataset, held-out ones marked. Bad input is
+reported in the page. Serves on localhost only; nothing is sent out or downloaded (Gradio's
+analytics are off).
 """
 
 import os
@@ -24,7 +25,7 @@ from absl import app, flags, logging  # noqa: E402
 import gradio as gr  # noqa: E402
 
 from dalle_jax import generate  # noqa: E402
-from dalle_jax.rerank import caption_contrast  # noqa: E402
+from dalle_jax.transformer import caption_contrast  # noqa: E402
 
 _RUN = flags.DEFINE_string("run", None, "A `make demo` output directory (--out): its "
                            "work/transformer is served, reranked by work/reranker when present, "

@@ -15,7 +15,7 @@ started again resumes where it stopped: every stage resumes or skips finished wo
   too; both sample at the dataset's classifier-free guidance, 3 for emoji, or --guidance)
 
 Shapes reranks without a reranker run: the transformer scores each candidate against its caption's
-near misses (dalle_jax/rerank/caption_contrast.py), which picks shapes better than the CLIP-style
+near misses (dalle_jax/transformer/caption_contrast.py), which picks shapes better than the CLIP-style
 reranker the emoji demo trains.
 
 and writes into `--out`: samples.png (captioned grid; held-out captions framed in red),

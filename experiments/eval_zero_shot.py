@@ -21,7 +21,7 @@ from absl import app, flags, logging
 
 from dalle_jax import generate
 from dalle_jax.evaluation import zero_shot
-from dalle_jax.rerank import caption_contrast
+from dalle_jax.transformer import caption_contrast
 
 _TRANSFORMER = flags.DEFINE_string("transformer_workdir", None, "A train_transformer.py workdir.",
                                    required=True)

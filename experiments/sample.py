@@ -12,7 +12,7 @@ samples, H, W]) and samples.json (settings, prompts, files, scores). Sample g (c
 prompts' candidates) draws from `fold_in(key(seed), g)`, so a seed gives the same images whatever
 --batch_size. With --rerank=N each prompt gets N candidates, scored by the --reranker run
 (dalle_jax/rerank/model.py) or by the transformer against each caption's --near_misses
-(dalle_jax/rerank/caption_contrast.py), and the --keep best are written, best first. The drawing is
+(dalle_jax/transformer/caption_contrast.py), and the --keep best are written, best first. The drawing is
 `dalle_jax/generate.py`'s `Generator`; this script reads flags and writes files.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from dalle_jax import generate, image_grid, sharding
-from dalle_jax.rerank import caption_contrast
+from dalle_jax.transformer import caption_contrast
 from dalle_jax.scaling import fit_check
 from dalle_jax.train.checkpointing import read_run_config
 from dalle_jax.transformer import training as transformer_training

@@ -22,7 +22,8 @@ def get_config():
   # conv_kernel 5 on an 8x8 grid: the paper's 11 would span more than the image.
   config.model = dict(text_vocab_size=400, text_len=24, image_vocab_size=512, image_size=8,
                       width=256, depth=4, heads=4, head_dim=64, conv_kernel=5,
-                      dtype="float32", remat=False, dropout=0.0, attention="dense")
+                      dtype="float32", remat=False, dropout=0.0, attention="dense",
+                      layer_kinds=None, text_loss_weight=1 / 8)  # None: the paper's masks
   config.train = launch.config_section(
       transformer_training.TransformerTrainConfig, batch_size=32, num_steps=1_500,
       learning_rate=1e-3, warmup_steps=200, final_learning_rate=1e-5, ema_decay=0.99,

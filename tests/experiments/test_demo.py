@@ -14,7 +14,8 @@ from dalle_jax import tokenizer as tokenizer_lib
 from dalle_jax.data import emoji, shapes
 from dalle_jax.dvae import model as dvae
 from dalle_jax.evaluation import judge, zero_shot
-from dalle_jax.rerank import caption_contrast, model as rerank
+from dalle_jax.rerank import model as rerank
+from dalle_jax.transformer import caption_contrast
 from dalle_jax.transformer.model import TransformerConfig
 from conftest import REPO
 
@@ -70,7 +71,7 @@ def test_plan_configs_fit_each_other(dataset, tmp_path):
 
 
 # The demo's stage lengths at --steps_scale=1: its configs' num_steps.
-DEMO_STEPS = {"shapes": {"dvae": 2_500, "transformer": 3_500},
+DEMO_STEPS = {"shapes": {"dvae": 2_500, "transformer": 4_000},
               "emoji": {"dvae": 3_000, "reranker": 600, "transformer": 2_000}}
 
 

@@ -1,4 +1,4 @@
-"""dalle_jax/rerank/caption_contrast.py: near misses one attribute away, the transformer's
+"""dalle_jax/transformer/caption_contrast.py: near misses one attribute away, the transformer's
 log-likelihood equal to its training loss, scores that are a posterior over the caption and its
 near misses at any batch size, and a Generator that keeps the best-scored candidates."""
 
@@ -7,7 +7,7 @@ import pytest
 
 from dalle_jax import generate
 from dalle_jax.data import shapes
-from dalle_jax.rerank import caption_contrast
+from dalle_jax.transformer import caption_contrast
 from dalle_jax.transformer import model as transformer
 
 
