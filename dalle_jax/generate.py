@@ -142,7 +142,7 @@ class Generator:
                             "reranker= (--reranker) and near_misses= (--near_misses)")
     self.config, self.params, self.tokenizer = config, params, tokenizer
     self.near_misses = near_misses
-    self._contrast = (caption_contrast.CaptionContrast(config, near_misses)
+    self._contrast = (caption_contrast.CaptionContrast(config)
                       if near_misses is not None else None)
     self.dvae_config, self.dvae_params, self.reranker = dvae_config, dvae_params, reranker
     self.mesh, self.param_shardings = mesh, param_shardings

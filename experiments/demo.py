@@ -14,9 +14,9 @@ started again resumes where it stopped: every stage resumes or skips finished wo
   keeps 2 of 8 candidates per caption, as the paper reranks, and the figure over all 8 is kept
   too; both sample at the dataset's classifier-free guidance, 3 for emoji, or --guidance)
 
-Shapes reranks without a reranker run: the transformer scores each candidate against its caption's
-near misses (dalle_jax/transformer/caption_contrast.py), which picks shapes better than the CLIP-style
-reranker the emoji demo trains.
+Shapes reranks without a reranker run: the transformer scores each candidate against its
+caption's near misses (dalle_jax/transformer/caption_contrast.py), which picks shapes better than
+the CLIP-style reranker the emoji demo trains.
 
 and writes into `--out`: samples.png (captioned grid; held-out captions framed in red),
 reconstructions.png (dVAE input beside output), loss_curves.png, zero_shot.png (judged samples)
@@ -224,7 +224,6 @@ def main(argv):
   dvae_scale = FLAGS.dvae_steps_scale
   scales = {"dvae": FLAGS.steps_scale if dvae_scale is None else dvae_scale,
             "reranker": FLAGS.steps_scale, "transformer": FLAGS.steps_scale}
-  scales = {stage: scales[stage] for stage in plan.configs}
   steps = stage_steps(plan, scales)
   config_file = {stage: config.__file__ for stage, config in plan.configs.items()}
   path = lambda *p: os.path.join(work, *p)

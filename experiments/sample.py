@@ -12,8 +12,8 @@ samples, H, W]) and samples.json (settings, prompts, files, scores). Sample g (c
 prompts' candidates) draws from `fold_in(key(seed), g)`, so a seed gives the same images whatever
 --batch_size. With --rerank=N each prompt gets N candidates, scored by the --reranker run
 (dalle_jax/rerank/model.py) or by the transformer against each caption's --near_misses
-(dalle_jax/transformer/caption_contrast.py), and the --keep best are written, best first. The drawing is
-`dalle_jax/generate.py`'s `Generator`; this script reads flags and writes files.
+(dalle_jax/transformer/caption_contrast.py), and the --keep best are written, best first. The
+drawing is `dalle_jax/generate.py`'s `Generator`; this script reads flags and writes files.
 """
 
 import json

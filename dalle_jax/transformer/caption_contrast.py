@@ -10,8 +10,8 @@ A contrastive image-text model trained on random batches learns what random capt
 the candidates for one caption differ in just what the near misses change, and the transformer
 already knows how each of those draws. Captions without near misses score 0 (drawing order kept).
 
-    contrast = CaptionContrast(config, near_misses=NEAR_MISSES["shapes"])
-    scores = contrast.score(params, text_ids, codes, alternatives)
+    contrast = CaptionContrast(config)
+    scores = contrast.score(params, text_ids, codes, alternatives)  # ids of NEAR_MISSES["shapes"]
 """
 
 from __future__ import annotations
@@ -57,9 +57,8 @@ class CaptionContrast:
   """Scores a transformer's codes against their caption's near misses, in fixed-size batches
   (one compilation)."""
 
-  def __init__(self, config: transformer_model.TransformerConfig,
-               near_misses: Callable[[str], Sequence[str]], batch_size: int = 256):
-    self.config, self.near_misses, self.batch_size = config, near_misses, batch_size
+  def __init__(self, config: transformer_model.TransformerConfig, batch_size: int = 256):
+    self.config, self.batch_size = config, batch_size
     model = transformer_model.Transformer(config)
 
     def log_likelihood(params, text, codes):
@@ -87,8 +86,5 @@ class CaptionContrast:
     rows = [np.concatenate([text[i:i + 1], alternatives[i]]) for i in range(len(text))]
     owner = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
     values = self.log_likelihoods(params, np.concatenate(rows), codes[owner])
-    scores = np.zeros(len(text), np.float32)
-    for i in range(len(text)):
-      mine = values[owner == i]
-      scores[i] = mine[0] - np.logaddexp.reduce(mine)
-    return scores
+    per_sample = np.split(values, np.cumsum([len(r) for r in rows])[:-1])
+    return np.array([mine[0] - np.logaddexp.reduce(mine) for mine in per_sample], np.float32)

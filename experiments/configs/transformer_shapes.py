@@ -1,4 +1,4 @@
-"""The shapes demo's transformer: transformer_small.py at half the width, full attention, more steps.
+"""The shapes demo's transformer: transformer_small.py at half width, full attention, more steps.
 
   python experiments/train_transformer.py --config=experiments/configs/transformer_shapes.py \
       --workdir=runs/transformer --config.data.codes_dir=runs/codes \

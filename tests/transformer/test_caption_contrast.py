@@ -52,7 +52,7 @@ def test_log_likelihood_is_the_training_image_loss(gen):
   text = _ids(gen, captions)
   codes = np.random.default_rng(0).integers(0, gen.config.image_vocab_size,
                                             (2, gen.config.image_size, gen.config.image_size))
-  contrast = caption_contrast.CaptionContrast(gen.config, caption_contrast.shapes_near_misses)
+  contrast = caption_contrast.CaptionContrast(gen.config)
   values = contrast.log_likelihoods(gen.params, text, codes)
   for i in range(2):
     text_logits, image_logits = transformer.Transformer(gen.config).apply(
@@ -71,8 +71,7 @@ def test_scores_are_a_posterior_over_the_caption_and_its_near_misses(gen):
                                             (1, gen.config.image_size, gen.config.image_size))
   scores = []
   for batch_size in (256, 5):
-    contrast = caption_contrast.CaptionContrast(gen.config, caption_contrast.shapes_near_misses,
-                                                batch_size=batch_size)
+    contrast = caption_contrast.CaptionContrast(gen.config, batch_size=batch_size)
     # Each option in turn as the caption, the rest as its alternatives.
     scores.append(np.array([
         contrast.score(gen.params, ids[i:i + 1], codes, [np.delete(ids, i, axis=0)])[0]
@@ -91,7 +90,7 @@ def test_generator_keeps_the_candidates_the_contrast_scores_best(gen, tiny_runs)
   assert ranked.has_reranker
   result = ranked.generate(captions, num_candidates=4, keep=2, seed=3, batch_size=3,
                            progress=False)
-  contrast = caption_contrast.CaptionContrast(gen.config, caption_contrast.shapes_near_misses)
+  contrast = caption_contrast.CaptionContrast(gen.config)
   expected = np.stack([
       contrast.score(gen.params, _ids(gen, [c] * 4), every.codes[i],
                      [_ids(gen, caption_contrast.shapes_near_misses(c))] * 4)
